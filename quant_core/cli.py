@@ -1,0 +1,130 @@
+"""Command line: ``python -m quant_core`` (also installed as ``scaled-fp16-convert``).
+
+The first seven flags are a drop-in for the reference script ``convert_fp16_scaled_learned_svd_fast.py``, with the
+same defaults and output naming. ``python -m quant_core capture ...`` records calibration statistics.
+Exit status: 0 done, 2 bad input or cancelled (nothing written), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from tqdm import tqdm
+
+from . import __version__
+from .convert import ConvertOptions, convert_file
+from .errors import ConversionError
+from .report import format_summary, write_json
+from .scaling import POLICIES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m quant_core",
+        description="Convert a safetensors model to scaled FP16 (fp16 weights + power-of-two scale_weight) with "
+                    "learned rounding on the fp16 grid. Subcommand: 'capture' records calibration statistics.")
+    p.add_argument("--input", help="input .safetensors file (pickle formats are refused)")
+    p.add_argument("--output", help="output file (default: <input>_float16_scaled_learned[_nodistill]_svd.safetensors)")
+    p.add_argument("--t5xxl", action="store_true", help="T5XXL text encoder mode: drop decoder/lm_head, keep "
+                   "norms/biases/embeddings, add scale_input, marker of shape [0]")
+    p.add_argument("--keep_distillation", action="store_true", help="keep FLUX distilled_guidance_layer, "
+                   "final_layer, img_in, txt_in in their source dtype (scale_weight 1)")
+    p.add_argument("--num_iter", type=int, default=256, help="refinement budget of the learned rounding; "
+                   "0 = plain round-to-nearest (default 256)")
+    p.add_argument("--top_k", type=int, default=1, help="principal directions whose error the rounding "
+                   "minimizes (default 1)")
+    p.add_argument("--calib_samples", type=int, default=3072, help="calibration rows used (default 3072)")
+    p.add_argument("--calibration", metavar="FILE", help="calibration statistics from 'capture' (enables "
+                   "activation-aware rounding and bias correction)")
+    p.add_argument("--scale", choices=POLICIES, default="auto", help="auto: scale 1 unless a tensor would "
+                   "overflow fp16 or lose precision to subnormals; pow2: always scale (BF16 input exactly lossless)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--report", metavar="FILE.json", help="write the full per-tensor report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--demo", action="store_true", help="build a small FLUX-shaped model in a temp folder and "
+                   "convert it (no download)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+class ProgressBar:
+    """tqdm bar over the whole file by bytes, the current tensor in its postfix."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        if self.quiet:
+            return
+        if event["type"] == "start":
+            self.bar = tqdm(total=event["bytes_total"], unit="B", unit_scale=True, unit_divisor=1024,
+                            desc="converting", dynamic_ncols=True)
+        elif event["type"] == "tensor" and self.bar is not None:
+            m = event["metrics"]
+            post = f"{event['index']}/{event['total']} {event['action']} {event['key']}"
+            if event["action"] == "quantized":
+                post += f" err x{m['error_ratio']:.3f} vs RTN"
+            self.bar.set_postfix_str(post, refresh=False)
+            self.bar.update(event["bytes_done"] - self.bar.n)
+        elif event["type"] == "done" and self.bar is not None:
+            self.bar.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "capture":
+        from .capture import main as capture_main
+        return capture_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.demo:
+        return _demo(args)
+    if not args.input:
+        build_parser().error("--input is required (or --demo)")
+    return _convert(args, args.input, args.output)
+
+
+def _convert(args, src: str, dst: str | None) -> int:
+    options = ConvertOptions(t5xxl=args.t5xxl, keep_distillation=args.keep_distillation, num_iter=args.num_iter,
+                             top_k=args.top_k, calib_samples=args.calib_samples, scale=args.scale,
+                             calibration=args.calibration, device=args.device, overwrite=args.overwrite)
+    bar = ProgressBar(args.quiet)
+    try:
+        report = convert_file(src, dst, options, on_event=bar)
+    except ConversionError as e:
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        bar.close()
+        print("cancelled, no file written", file=sys.stderr)
+        return 2
+    if args.report:
+        write_json(report, args.report)
+    if not args.quiet:
+        print(f"wrote {dst or report['output']}")
+        print(format_summary(report))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import demo_flux
+
+    with tempfile.TemporaryDirectory(prefix="scaled-fp16-demo-") as folder:
+        src = demo_flux(folder)
+        if not args.quiet:
+            print(f"demo: built a small FLUX-shaped BF16 model: {src} ({os.path.getsize(src) / 1e6:.1f} MB)")
+        rc = _convert(args, src, args.output)
+        if rc == 0 and not args.quiet:
+            out = args.output or os.path.basename(src).replace(".safetensors", "") + \
+                "_float16_scaled_learned_svd.safetensors"
+            print(f"demo: done ({out}; the temp folder is removed now)")
+        return rc

@@ -1,0 +1,306 @@
+"""The streaming conversion pipeline: one safetensors file in, one scaled-FP16 safetensors file out.
+
+Tensors are read one at a time by a prefetch thread, scaled, rounded and measured on the compute device, and handed
+to a writer thread; at most a couple of tensors are in flight, so memory does not grow with model size. Progress
+and metrics leave through `on_event` (see docs/ARCHITECTURE.md for the event fields).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from . import __version__
+from . import format as fmt
+from .errors import Cancelled, ConversionError
+from .metrics import tensor_metrics
+from .report import Summary
+from .safetensors_io import SafetensorsReader, StreamingWriter, check_input_path
+from .scaling import POLICIES, choose_scale, pow2_scale
+
+EventCallback = Callable[[dict], None]
+CancelHook = Callable[[], object]
+
+
+@dataclass
+class ConvertOptions:
+    """Conversion settings. The first six mirror the reference script's flags and defaults."""
+
+    t5xxl: bool = False
+    keep_distillation: bool = False
+    num_iter: int = 256
+    top_k: int = 1
+    calib_samples: int = 3072
+    scale: str = "auto"          # "auto" | "pow2", see scaling.py
+    calibration: str | None = None  # calibration statistics file (see calibration.py)
+    device: str = "auto"         # "auto" | "cpu" | "cuda" | "cuda:N"
+    overwrite: bool = False
+
+    def settings(self) -> dict:
+        """What determines the output bytes (recorded in the file's metadata); the device does not."""
+        s = asdict(self)
+        s.pop("device")
+        s.pop("overwrite")
+        s["calibration"] = os.path.basename(self.calibration) if self.calibration else None
+        return s
+
+    def validate(self) -> None:
+        if self.scale not in POLICIES:
+            raise ConversionError(f"unknown scale policy '{self.scale}'; expected one of {', '.join(POLICIES)}")
+        for name in ("num_iter", "top_k", "calib_samples"):
+            if getattr(self, name) < 0:
+                raise ConversionError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConversionError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConversionError(f"device '{name}' requested but CUDA is not available")
+    return dev
+
+
+def check_output_path(src: str, dst: str, overwrite: bool) -> None:
+    if os.path.realpath(src) == os.path.realpath(dst):
+        raise ConversionError(f"{dst}: output is the input file; choose another output name")
+    if os.path.isdir(dst):
+        raise ConversionError(f"{dst}: is a folder; give an output file name")
+    if os.path.exists(dst) and not overwrite:
+        raise ConversionError(f"{dst}: already exists (use --overwrite to replace it)")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise ConversionError(f"{dst}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConversionError(f"{dst}: output folder {folder} is not writable")
+
+
+def _check_cancel(cancel: CancelHook | None, index: int, total: int) -> None:
+    if cancel is not None and cancel() is True:
+        raise Cancelled(f"cancelled at tensor {index}/{total}, no file written", index, total)
+
+
+class _Prefetcher:
+    """Reads planned tensors in order on a background thread, at most `depth` ahead."""
+
+    _DONE = object()
+
+    def __init__(self, reader: SafetensorsReader, keys: list[str], depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(reader, keys), daemon=True, name="fp16lr-read")
+        self._thread.start()
+
+    def _run(self, reader: SafetensorsReader, keys: list[str]) -> None:
+        for key in keys:
+            if self._stop.is_set():
+                return
+            try:
+                item = (key, reader.get(key), None)
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = (key, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def get(self) -> tuple[str, torch.Tensor]:
+        key, t, err = self._q.get()
+        if err is not None:
+            raise err
+        return key, t
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a pending put
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+
+
+class _WriterThread:
+    """Writes tensors to a StreamingWriter on a background thread so disk writes overlap compute."""
+
+    def __init__(self, writer: StreamingWriter, depth: int = 2):
+        self._w = writer
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="fp16lr-write")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self._w.write(*item)
+                except BaseException as e:
+                    self.error = e
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self._q.put((key, t))
+
+    def finish(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _quantize(key: str, w: torch.Tensor, source_dtype: str, options: ConvertOptions, device: torch.device,
+              layer_cal, cancel_fn, path: str) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
+    """Scale, round and measure one weight. Returns (fp16 cpu, scale tensor, metrics, bias delta or None)."""
+    t0 = time.perf_counter()
+    wf = w.to(device=device, dtype=torch.float32, non_blocking=True)
+    max_abs = float(wf.abs().amax()) if wf.numel() else 0.0
+    if not math.isfinite(max_abs):
+        raise ConversionError(f"{path}: tensor '{key}' contains NaN or infinite values; refusing to convert it")
+    scale = choose_scale(wf, max_abs, options.scale)
+    ws = wf / scale if scale != 1.0 else wf  # exact: power of two
+    q_rtn = ws.to(torch.float16)
+    if options.num_iter == 0:
+        q, info = q_rtn, {"method": "rtn"}
+    else:
+        from . import rounding
+        res = rounding.round_to_fp16(ws, top_k=options.top_k, num_iter=options.num_iter,
+                                     calibration=layer_cal, cancel=cancel_fn)
+        q, info = res.q, dict(res.info)
+        if torch.equal(q, q_rtn):
+            q = q_rtn
+    m = tensor_metrics(wf, scale, q, q_rtn, source_dtype)
+    if m["nonfinite"]:
+        raise ConversionError(f"{path}: tensor '{key}' produced {m['nonfinite']} non-finite fp16 values")
+    delta = None
+    if layer_cal is not None:
+        from .calibration import bias_correction
+        deq = q.float() * scale if scale != 1.0 else q.float()
+        delta = bias_correction(deq, wf, layer_cal)
+    m.update(info)
+    m["seconds"] = time.perf_counter() - t0
+    return q.cpu(), torch.tensor([scale], dtype=torch.float32), m, delta
+
+
+def convert_file(src: str, dst: str | None = None, options: ConvertOptions | None = None,
+                 on_event: EventCallback | None = None, cancel: CancelHook | None = None) -> dict:
+    """Convert safetensors file `src` to a scaled-FP16 file `dst` and return the report (see report.py).
+
+    `dst` defaults to the reference script's naming beside the input. `on_event` receives start/tensor/done events.
+    `cancel` is called between tensors and inside long loops; it cancels by raising or by returning True. On any
+    failure no output or temporary file is left and the input is never modified.
+    """
+    options = options or ConvertOptions()
+    options.validate()
+    check_input_path(src)
+    dst = dst or fmt.default_output_path(src, options.keep_distillation)
+    check_output_path(src, dst, options.overwrite)
+    device = resolve_device(options.device)
+    emit = on_event or (lambda e: None)
+    rules = fmt.Rules(options.t5xxl, options.keep_distillation)
+
+    calibration = None
+    if options.calibration:
+        from .calibration import load_calibration
+        calibration = load_calibration(options.calibration)
+
+    t_start = time.perf_counter()
+    with SafetensorsReader(src) as reader:
+        header = reader.header
+        items = fmt.plan(header, rules)
+        total = len(items)
+        bytes_total = sum(i.nbytes for i in items)
+        meta = fmt.metadata(header.metadata, src, options.settings(), __version__)
+        summary = Summary(src, dst, options.settings(), header.file_size)
+        emit({"type": "start", "source": src, "output": dst, "total": total, "bytes_total": bytes_total,
+              "settings": options.settings(), "device": str(device)})
+        with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer:
+            prefetch = _Prefetcher(reader, [i.key for i in items if i.action != fmt.REMOVE])
+            out = _WriterThread(writer)
+            bias_deltas: dict[str, torch.Tensor] = {}
+            bytes_done = 0
+            try:
+                for index, item in enumerate(items, 1):
+                    _check_cancel(cancel, index, total)
+                    cancel_fn = (lambda i=index: _check_cancel(cancel, i, total)) if cancel else None
+                    scale = None
+                    m: dict = {}
+                    if item.action != fmt.REMOVE:
+                        key, t = prefetch.get()
+                        assert key == item.key
+                    if item.action == fmt.QUANTIZE:
+                        layer_cal = calibration.get(item.key) if calibration is not None else None
+                        q, scale_t, m, delta = _quantize(item.key, t, item.dtype, options, device, layer_cal,
+                                                         cancel_fn, src)
+                        scale = float(scale_t[0])
+                        out.put(item.key, q)
+                        out.put(item.outputs[1][0], scale_t)
+                        if rules.t5xxl:
+                            out.put(item.outputs[2][0], scale_t.clone())
+                        if delta is not None:
+                            bias_deltas[fmt.layer_of(item.key) + ".bias"] = delta
+                    elif item.action == fmt.KEEP_UNSCALED:
+                        scale = 1.0
+                        out.put(item.key, t)
+                        out.put(item.outputs[1][0], torch.ones(1, dtype=torch.float32))
+                    elif item.action == fmt.KEEP:
+                        delta = bias_deltas.pop(item.key, None)
+                        if delta is not None:
+                            t, m = _apply_bias_delta(t, delta)
+                        out.put(item.key, t)
+                    bytes_done += item.nbytes
+                    elapsed = time.perf_counter() - t_start
+                    rate = bytes_done / elapsed if elapsed > 0 else None
+                    event = {
+                        "type": "tensor", "key": item.key, "index": index, "total": total,
+                        "shape": list(item.shape), "dtype": fmt.dtype_name(item.dtype),
+                        "action": fmt.ACTION_NAMES[item.action], "scale": scale,
+                        "bytes_done": bytes_done, "bytes_total": bytes_total, "elapsed_s": elapsed,
+                        "eta_s": (bytes_total - bytes_done) / rate if rate else None,
+                        "rate_bytes_s": rate, "metrics": m,
+                    }
+                    summary.add(event)
+                    emit(event)
+                out.put(fmt.MARKER_KEY, fmt.marker_tensor(rules))
+                out.finish()
+            except BaseException:
+                prefetch.close()
+                try:
+                    out.finish()
+                except BaseException:
+                    pass
+                raise
+            prefetch.close()
+            writer.commit()
+    report = summary.finish(os.path.getsize(dst), time.perf_counter() - t_start)
+    emit({"type": "done", "report": report})
+    return report
+
+
+def _apply_bias_delta(bias: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    b = bias.float()
+    new = (b + delta.to(b.device, torch.float32)).to(bias.dtype)
+    bn = float(b.norm())
+    change = float((new.float() - b).norm())
+    return new, {"bias_corrected": True, "bias_change": change / bn if bn > 0 else change}
+
+
+__all__ = ["ConvertOptions", "convert_file", "resolve_device", "pow2_scale"]

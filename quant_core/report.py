@@ -1,0 +1,103 @@
+"""The conversion report: totals across tensors, the worst tensors, and per-tensor figures.
+
+Overall errors are energy-weighted: rel_error = sqrt(sum ||Q-W||^2) / sqrt(sum ||W||^2) over quantized weights,
+beside the same figure for plain round-to-nearest (RTN).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+WORST_N = 5
+_INTERNAL = ("err_sq", "rtn_err_sq", "w_sq")
+
+
+class Summary:
+    def __init__(self, source: str, output: str, settings: dict, bytes_in: int):
+        self.source, self.output, self.settings, self.bytes_in = source, output, settings, bytes_in
+        self.counts = {"quantized": 0, "kept": 0, "removed": 0}
+        self.tensors: list[dict] = []
+        self._e = self._r = self._w = 0.0
+        self._bf16_exact = self._bf16_n = 0.0
+        self._changed = self._n = 0.0
+        self.biases_corrected = 0
+
+    def add(self, event: dict) -> None:
+        self.counts[event["action"]] += 1
+        m = event["metrics"]
+        if m.get("bias_corrected"):
+            self.biases_corrected += 1
+        if event["action"] != "quantized":
+            return
+        self._e += m["err_sq"]
+        self._r += m["rtn_err_sq"]
+        self._w += m["w_sq"]
+        self._changed += m["changed_vs_rtn"] * m["numel"]
+        self._n += m["numel"]
+        if event["dtype"] == "bfloat16":
+            self._bf16_exact += m["bit_exact_fraction"] * m["numel"]
+            self._bf16_n += m["numel"]
+        row = {"key": event["key"], "shape": event["shape"], "dtype": event["dtype"]}
+        row.update({k: v for k, v in m.items() if k not in _INTERNAL})
+        self.tensors.append(row)
+
+    def finish(self, bytes_out: int, seconds: float) -> dict:
+        rel = (self._e / self._w) ** 0.5 if self._w > 0 else 0.0
+        rtn = (self._r / self._w) ** 0.5 if self._w > 0 else 0.0
+        worst = sorted(self.tensors, key=lambda t: t["rel_error"], reverse=True)[:WORST_N]
+        return {
+            "format": "scaled_fp16",
+            "source": os.path.basename(self.source),
+            "output": os.path.basename(self.output),
+            "settings": self.settings,
+            "counts": dict(self.counts),
+            "bytes_in": self.bytes_in,
+            "bytes_out": bytes_out,
+            "rel_error": rel,
+            "rtn_rel_error": rtn,
+            "error_ratio": rel / rtn if rtn > 0 else 1.0,
+            "changed_vs_rtn": self._changed / self._n if self._n else 0.0,
+            "bit_exact_fraction_bf16": self._bf16_exact / self._bf16_n if self._bf16_n else None,
+            "biases_corrected": self.biases_corrected,
+            "worst": [{k: t[k] for k in ("key", "rel_error", "rtn_rel_error", "error_ratio")} for t in worst],
+            "seconds": seconds,
+            "tensors": self.tensors,
+        }
+
+
+def compact(report: dict) -> dict:
+    """The report without the per-tensor list, plus the per-tensor error ratios (for UIs and charts)."""
+    out = {k: v for k, v in report.items() if k != "tensors"}
+    out["ratios"] = [t["error_ratio"] for t in report["tensors"]]
+    return out
+
+
+def write_json(report: dict, path: str) -> None:
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def format_summary(report: dict) -> str:
+    """A few lines for the terminal."""
+    c = report["counts"]
+    lines = [
+        f"tensors: {c['quantized']} quantized, {c['kept']} kept, {c['removed']} removed",
+        f"size: {_mb(report['bytes_in'])} -> {_mb(report['bytes_out'])} in {report['seconds']:.1f} s",
+        f"error: relF {report['rel_error']:.3e} vs round-to-nearest {report['rtn_rel_error']:.3e} "
+        f"(ratio {report['error_ratio']:.4f}); {report['changed_vs_rtn'] * 100:.2f}% of elements differ from RTN",
+    ]
+    if report["bit_exact_fraction_bf16"] is not None:
+        lines.append(f"bf16 sources: {report['bit_exact_fraction_bf16'] * 100:.4f}% of elements bit-exact")
+    if report["biases_corrected"]:
+        lines.append(f"biases corrected with calibration means: {report['biases_corrected']}")
+    if report["worst"]:
+        lines.append("worst tensors (relF, ratio vs RTN):")
+        lines += [f"  {w['key']}: {w['rel_error']:.3e} ({w['error_ratio']:.3f})" for w in report["worst"]]
+    return "\n".join(lines)
