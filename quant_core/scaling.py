@@ -35,7 +35,7 @@ def pow2_scale(max_abs: float) -> float:
     if not math.isfinite(max_abs) or max_abs <= 0.0:
         return 1.0
     _, e = math.frexp(max_abs)  # max_abs = m * 2^e, m in [0.5, 1)
-    return math.ldexp(1.0, e - 16)
+    return math.ldexp(1.0, e - 15)
 
 
 def rtn_error_sq(wf: torch.Tensor, scale: float) -> float:

@@ -1,0 +1,72 @@
+"""The command line as users run it: reference flags, defaults, naming, report, demo (issue 2, criterion 1)."""
+
+import json
+import re
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+
+from conftest import run_cli
+
+
+def test_reference_flags_and_default_naming(tmp_path, flux_bf16):
+    p = run_cli("--input", flux_bf16, "--num_iter", "0", "--top_k", "2", "--calib_samples", "64", check=True)
+    out = str(tmp_path / "flux-small_float16_scaled_learned_svd.safetensors")
+    assert os.path.isfile(out), os.listdir(tmp_path)
+    assert "quantized" in p.stdout and "worst tensors" in p.stdout
+    with safe_open(out, "pt") as f:
+        settings = json.loads(f.metadata()["scaled_fp16.settings"])
+    assert (settings["num_iter"], settings["top_k"], settings["calib_samples"]) == (0, 2, 64)
+    assert settings["t5xxl"] is False and settings["keep_distillation"] is False
+
+
+def test_keep_distillation_naming(tmp_path, flux_bf16):
+    run_cli("--input", flux_bf16, "--keep_distillation", "--num_iter", "0", "--quiet", check=True)
+    out = tmp_path / "flux-small_float16_scaled_learned_nodistill_svd.safetensors"
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("img_in.weight").dtype == torch.bfloat16
+        assert f.get_tensor("double_blocks.0.img_mlp.0.weight").dtype == torch.float16
+
+
+def test_t5xxl_flag(tmp_path, t5_fp32):
+    run_cli("--input", t5_fp32, "--t5xxl", "--num_iter", "0", "--quiet", check=True)
+    out = tmp_path / "t5-small_float16_scaled_learned_svd.safetensors"
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+        assert tuple(f.get_tensor("scaled_fp16").shape) == (0,)
+    assert "lm_head.weight" not in keys and not any("decoder" in k for k in keys)
+    assert "encoder.block.0.layer.0.SelfAttention.q.scale_input" in keys
+
+
+def test_defaults_match_reference(tmp_path, flux_bf16):
+    from quant_core.cli import build_parser
+    a = build_parser().parse_args(["--input", "x.safetensors"])
+    assert (a.num_iter, a.top_k, a.calib_samples, a.t5xxl, a.keep_distillation, a.output) == \
+        (256, 1, 3072, False, False, None)
+
+
+def test_report_json_and_progress(tmp_path, flux_bf16):
+    report = tmp_path / "report.json"
+    p = run_cli("--input", flux_bf16, "--output", str(tmp_path / "o.safetensors"), "--report", str(report),
+                "--num_iter", "0", "--scale", "pow2", "--device", "cpu", check=True)
+    r = json.loads(report.read_text())
+    assert r["counts"]["quantized"] == len(r["tensors"]) > 0
+    assert r["bit_exact_fraction_bf16"] == 1.0
+    assert all(t["scale"] != 1.0 and t["nonfinite"] == 0 for t in r["tensors"])
+    # tqdm bar by bytes with "i/N action key" in its postfix
+    n = r["counts"]["quantized"] + r["counts"]["kept"]
+    assert re.search(rf"converting: 100%.*MB/s, {n}/{n} (kept|quantized) \S+", p.stderr), p.stderr
+
+
+def test_demo_runs_without_input(tmp_path):
+    p = run_cli("--demo", "--num_iter", "4", cwd=str(tmp_path), check=True)
+    assert "demo: built a small FLUX-shaped BF16 model" in p.stdout
+    assert "tensors: 36 quantized" in p.stdout
+    assert os.listdir(tmp_path) == []  # everything stayed in the temp folder
+
+
+def test_usage_error_without_input():
+    p = run_cli()
+    assert p.returncode == 2 and "--input is required" in p.stderr
