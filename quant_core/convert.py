@@ -20,10 +20,10 @@ import torch
 from . import __version__
 from . import format as fmt
 from .errors import Cancelled, ConversionError
-from .metrics import tensor_metrics
+from .metrics import measure
 from .report import Summary
 from .safetensors_io import SafetensorsReader, StreamingWriter, check_input_path
-from .scaling import POLICIES, choose_scale, pow2_scale
+from .scaling import POLICIES, candidate_scale, pow2_scale, worth_scaling
 
 EventCallback = Callable[[dict], None]
 CancelHook = Callable[[], object]
@@ -167,34 +167,41 @@ class _WriterThread:
             raise self.error
 
 
-def _quantize(key: str, w: torch.Tensor, source_dtype: str, options: ConvertOptions, device: torch.device,
-              layer_cal, cancel_fn, path: str) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
-    """Scale, round and measure one weight. Returns (fp16 cpu, scale tensor, metrics, bias delta or None)."""
+def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.device, layer_cal, cancel_fn,
+              path: str) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
+    """Scale, round and measure one weight. Returns (fp16 on cpu, scale tensor, metrics, bias delta or None)."""
     t0 = time.perf_counter()
-    wf = w.to(device=device, dtype=torch.float32, non_blocking=True)
-    max_abs = float(wf.abs().amax()) if wf.numel() else 0.0
+    w = w.to(device, non_blocking=True)
+    if w.numel():
+        lo, hi = torch.aminmax(w)
+        max_abs = max(-float(lo), float(hi))
+    else:
+        max_abs = 0.0
     if not math.isfinite(max_abs):
         raise ConversionError(f"{path}: tensor '{key}' contains NaN or infinite values; refusing to convert it")
-    scale = choose_scale(wf, max_abs, options.scale)
-    ws = wf / scale if scale != 1.0 else wf  # exact: power of two
-    q_rtn = ws.to(torch.float16)
-    if options.num_iter == 0:
-        q, info = q_rtn, {"method": "rtn"}
-    else:
+    scale, alt = candidate_scale(max_abs, options.scale)
+    q_rtn, m = measure(w, scale)  # round-to-nearest, measured in the same pass
+    if alt is not None and worth_scaling(w, alt, m["rtn_err_sq"], m["w_sq"], m["tiny"]):
+        scale = alt
+        q_rtn, m = measure(w, scale)
+    q, info = q_rtn, {"method": "rtn"}
+    if options.num_iter > 0:
         from . import rounding
+        ws = w.float()
+        if scale != 1.0:
+            ws = ws * (1.0 / scale)  # exact: power of two
         res = rounding.round_to_fp16(ws, top_k=options.top_k, num_iter=options.num_iter,
                                      calibration=layer_cal, cancel=cancel_fn)
         q, info = res.q, dict(res.info)
-        if torch.equal(q, q_rtn):
-            q = q_rtn
-    m = tensor_metrics(wf, scale, q, q_rtn, source_dtype)
+        if not torch.equal(q, q_rtn):
+            _, m = measure(w, scale, q)
     if m["nonfinite"]:
         raise ConversionError(f"{path}: tensor '{key}' produced {m['nonfinite']} non-finite fp16 values")
     delta = None
     if layer_cal is not None:
         from .calibration import bias_correction
         deq = q.float() * scale if scale != 1.0 else q.float()
-        delta = bias_correction(deq, wf, layer_cal)
+        delta = bias_correction(deq, w.float(), layer_cal)
     m.update(info)
     m["seconds"] = time.perf_counter() - t0
     return q.cpu(), torch.tensor([scale], dtype=torch.float32), m, delta
@@ -248,8 +255,7 @@ def convert_file(src: str, dst: str | None = None, options: ConvertOptions | Non
                         assert key == item.key
                     if item.action == fmt.QUANTIZE:
                         layer_cal = calibration.get(item.key) if calibration is not None else None
-                        q, scale_t, m, delta = _quantize(item.key, t, item.dtype, options, device, layer_cal,
-                                                         cancel_fn, src)
+                        q, scale_t, m, delta = _quantize(item.key, t, options, device, layer_cal, cancel_fn, src)
                         scale = float(scale_t[0])
                         out.put(item.key, q)
                         out.put(item.outputs[1][0], scale_t)

@@ -1,7 +1,9 @@
 """Per-tensor quality metrics, always measured on what is stored (the fp16 values times the scale).
 
-Figures follow ../shared/research/rounding.md section 6. Norms are accumulated in float64; everything is computed on
-the tensor's device and fetched with one host sync.
+Figures follow ../shared/research/rounding.md section 6. The work is done in one fused pass over cache-sized chunks
+(on the CPU a pass over a whole FLUX tensor per operation would cost more than the conversion itself); on a GPU the
+chunk is the whole tensor. The pass can also produce the round-to-nearest (RTN) fp16 tensor itself, so plain
+conversion costs a single sweep. Sums are float32 per chunk, accumulated in float64; one host sync per tensor.
 """
 
 from __future__ import annotations
@@ -9,63 +11,93 @@ from __future__ import annotations
 import torch
 
 FP16_MIN_NORMAL = 2.0 ** -14
+CPU_CHUNK = 1 << 17  # elements: 1 MiB of float32, stays in L2
 
 
-def _err(q: torch.Tensor, scale: float, wf: torch.Tensor) -> torch.Tensor:
-    deq = q.float()
-    if scale != 1.0:
-        deq = deq * scale  # exact: scale is a power of two
-    return deq - wf
+def _chunks(n: int, device: torch.device):
+    step = CPU_CHUNK if device.type == "cpu" else max(n, 1)
+    return ((i, min(i + step, n)) for i in range(0, n, step))
 
 
-def tensor_metrics(wf: torch.Tensor, scale: float, q: torch.Tensor, q_rtn: torch.Tensor,
-                   source_dtype: str) -> dict:
-    """Quality of stored fp16 `q` (with `scale`) for float32 weight `wf`, beside round-to-nearest `q_rtn`.
+def measure(w: torch.Tensor, scale: float, q: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Measure fp16 `q` (with power-of-two `scale`) against weight `w` (any float dtype), beside RTN.
 
-    Returns plain floats/ints: max_abs, scale, nonfinite, flushed_to_zero (nonzero weights stored as 0), subnormal
-    (stored fp16 subnormals), rel_error = ||Q-W||/||W||, rtn_rel_error, error_ratio = rel_error / rtn_rel_error (1 when
-    both are 0), max_rel_error over elements stored in fp16's normal range, bit_exact_fraction (dequantized ==
-    source), changed_vs_rtn (fraction of elements whose stored value differs from RTN).
+    With ``q=None`` the RTN tensor is built in the same pass and measured (it is then both result and baseline).
+
+    Returns (q, metrics) with plain floats/ints: max_abs, scale, nonfinite, flushed_to_zero (nonzero weights stored
+    as 0), subnormal (stored fp16 subnormals), rel_error = ||Q-W||/||W||, rtn_rel_error, error_ratio
+    (rel_error / rtn_rel_error; 1 when both are 0), max_rel_error (max |q*s-w| / max(|w|, s*2^-14): the relative
+    error over fp16's normal range), bit_exact_fraction (dequantized == source), changed_vs_rtn, tiny (elements
+    below s*2^-14, where fp16 is subnormal), and internal sums err_sq, rtn_err_sq, w_sq (float64) for totals.
     """
-    n = wf.numel()
-    d = _err(q, scale, wf)
-    w_sq = torch.sum(wf * wf, dtype=torch.float64)
-    e_sq = torch.sum(d * d, dtype=torch.float64)
-    aq = q.abs()
-    normal = aq >= FP16_MIN_NORMAL
-    rel = torch.where(normal, d.abs() / wf.abs().clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    same_as_rtn = q is q_rtn
-    stats = [
-        w_sq, e_sq, wf.abs().amax() if n else torch.zeros((), device=wf.device),
-        torch.count_nonzero(~torch.isfinite(q)),
-        torch.count_nonzero((q == 0) & (wf != 0)),
-        torch.count_nonzero((aq < FP16_MIN_NORMAL) & (aq > 0)),
-        rel.amax() if n else torch.zeros((), device=wf.device),
-        torch.count_nonzero(d == 0),
-    ]
-    if same_as_rtn:
-        stats += [e_sq, torch.zeros((), device=wf.device, dtype=torch.int64)]
-    else:
-        dr = _err(q_rtn, scale, wf)
-        stats += [torch.sum(dr * dr, dtype=torch.float64), torch.count_nonzero(q != q_rtn)]
-    vals = torch.stack([s.double() for s in stats]).tolist()  # the one host sync
-    w_sq, e_sq, max_abs, nonfinite, flushed, subnormal, max_rel, exact, rtn_sq, changed = vals
+    flat = w.reshape(-1)
+    n = flat.numel()
+    build = q is None
+    q_flat = torch.empty(n, dtype=torch.float16, device=w.device) if build else q.reshape(-1)
+    inv = 1.0 / scale
+    thr = scale * FP16_MIN_NORMAL
+    acc = torch.zeros(8, dtype=torch.float64, device=w.device)
+    max_abs = torch.zeros((), dtype=torch.float32, device=w.device)
+    max_rel = torch.zeros((), dtype=torch.float32, device=w.device)
+    zero = torch.zeros((), device=w.device)
+    for i, j in _chunks(n, w.device):
+        wf = flat[i:j].float()
+        ws = wf * inv if scale != 1.0 else wf
+        qc = q_flat[i:j]
+        if build:
+            qc.copy_(ws)
+        back = qc.float()
+        if scale != 1.0:
+            back.mul_(scale)
+        back_abs = back.abs()
+        a = wf.abs()
+        # stored zeros minus true zeros = flushed; stored values below the smallest normal minus zeros = subnormal
+        sums = [torch.count_nonzero(wf), torch.count_nonzero(back), torch.count_nonzero(back_abs < thr),
+                torch.count_nonzero(a < thr)]
+        d = back.sub_(wf)
+        sums += [torch.dot(d, d), torch.dot(wf, wf), torch.count_nonzero(d)]
+        max_abs = torch.maximum(max_abs, a.amax())
+        max_rel = torch.maximum(max_rel, d.abs_().div_(a.clamp_min_(thr)).amax())
+        if build:
+            sums += [sums[4], zero]
+        else:
+            r = ws.half()
+            sums.append(torch.count_nonzero(r != qc))
+            dr = r.float()
+            if scale != 1.0:
+                dr.mul_(scale)
+            dr.sub_(wf)
+            sums.insert(7, torch.dot(dr, dr))
+        acc_chunk = torch.stack([x.double() for x in sums])
+        acc = acc_chunk if i == 0 else acc + acc_chunk
+    if n == 0:
+        acc = torch.zeros(9, dtype=torch.float64, device=w.device)
+    vals = torch.cat([acc, max_abs.double().reshape(1), max_rel.double().reshape(1)]).tolist()  # one sync
+    nz_w, nz_q, below, tiny, e_sq, w_sq, inexact, rtn_sq, changed, max_abs_v, max_rel_v = vals
+    m = _finish(n, scale, e_sq, w_sq, inexact, nz_w - nz_q, below - (n - nz_q), rtn_sq, changed, max_abs_v,
+                max_rel_v)
+    m["tiny"] = int(tiny)
+    if e_sq != e_sq or e_sq == float("inf"):
+        m["nonfinite"] = int(torch.count_nonzero(~torch.isfinite(q_flat)))
+    return q_flat.view(w.shape), m
+
+
+def _finish(n, scale, e_sq, w_sq, inexact, flushed, subnormal, rtn_sq, changed, max_abs, max_rel) -> dict:
     wn = w_sq ** 0.5
     rel_error = (e_sq ** 0.5) / wn if wn > 0 else 0.0
     rtn_rel = (rtn_sq ** 0.5) / wn if wn > 0 else 0.0
     return {
         "max_abs": max_abs,
         "scale": scale,
-        "nonfinite": int(nonfinite),
+        "nonfinite": 0,
         "flushed_to_zero": int(flushed),
         "subnormal": int(subnormal),
         "rel_error": rel_error,
         "rtn_rel_error": rtn_rel,
         "error_ratio": rel_error / rtn_rel if rtn_rel > 0 else (1.0 if rel_error == 0 else float("inf")),
         "max_rel_error": max_rel,
-        "bit_exact_fraction": exact / n if n else 1.0,
+        "bit_exact_fraction": (n - inexact) / n if n else 1.0,
         "changed_vs_rtn": changed / n if n else 0.0,
-        "source_dtype": source_dtype,
         "numel": n,
         "err_sq": e_sq,
         "rtn_err_sq": rtn_sq,

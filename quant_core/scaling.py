@@ -47,28 +47,36 @@ def rtn_error_sq(wf: torch.Tensor, scale: float) -> float:
     return float(torch.sum(d * d, dtype=torch.float64))
 
 
-def choose_scale(wf: torch.Tensor, max_abs: float, policy: str = "auto", err1_sq: float | None = None) -> float:
-    """Pick the power-of-two scale for a float32 weight `wf` whose max |w| is `max_abs`.
+def candidate_scale(max_abs: float, policy: str = "auto") -> tuple[float, float | None]:
+    """(scale to use, alternative worth checking or None) before anything is measured.
 
-    `err1_sq` is the squared RTN error at scale 1 if the caller already has it. Scaling by 2^-k maps fp16's normal
-    grid onto itself, so the two errors differ only on elements below fp16's smallest normal (2^-14); only those
-    are re-rounded to compare.
+    `pow2` and tensors that would overflow fp16 get their power of two at once; `auto` starts from scale 1 and
+    names the power of two as the alternative to check with `worth_scaling` once scale 1 has been measured.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown scale policy {policy!r}; expected one of {POLICIES}")
     s = pow2_scale(max_abs)
     if policy == "pow2" or max_abs >= FP16_MAX:
-        return s
+        return s, None
     if s >= 1.0:  # fits fp16 at scale 1 and scaling would not move anything out of the subnormals
-        return 1.0
+        return 1.0, None
+    return 1.0, s
+
+
+def worth_scaling(w: torch.Tensor, alt: float, err1_sq: float, w_sq: float, n_tiny: int) -> bool:
+    """Auto policy: does scale `alt` cut the RTN error at scale 1 materially (see module doc)?
+
+    Scaling by 2^-k maps fp16's normal grid onto itself, so the two errors differ only on the `n_tiny` elements
+    below fp16's smallest normal (2^-14); each of those errs by at most 2^-25 at scale 1. When even that bound
+    cannot reach the thresholds, nothing more is computed; otherwise only those elements are re-rounded.
+    """
+    if err1_sq == 0.0 or n_tiny == 0 or w_sq == 0.0:
+        return False
+    w_norm = w_sq ** 0.5
+    if (n_tiny ** 0.5) * 2.0 ** -25 <= AUTO_MIN_GAIN * w_norm:
+        return False
+    wf = w.reshape(-1).float()
     small = wf[wf.abs() < FP16_MIN_NORMAL]
-    if small.numel() == 0:
-        return 1.0
-    if err1_sq is None:
-        err1_sq = rtn_error_sq(wf, 1.0)
-    if err1_sq == 0.0:
-        return 1.0
-    errs_sq = max(err1_sq - rtn_error_sq(small, 1.0) + rtn_error_sq(small, s), 0.0)
-    w_norm = float(torch.linalg.vector_norm(wf, dtype=torch.float64))
+    errs_sq = max(err1_sq - rtn_error_sq(small, 1.0) + rtn_error_sq(small, alt), 0.0)
     gain = (err1_sq ** 0.5 - errs_sq ** 0.5) / w_norm
-    return s if err1_sq > AUTO_GAIN ** 2 * errs_sq and gain > AUTO_MIN_GAIN else 1.0
+    return err1_sq > AUTO_GAIN ** 2 * errs_sq and gain > AUTO_MIN_GAIN
