@@ -90,14 +90,38 @@ def _check_cancel(cancel: CancelHook | None, index: int, total: int) -> None:
         raise Cancelled(f"cancelled at tensor {index}/{total}, no file written", index, total)
 
 
+class _PinnedPool:
+    """A few reusable page-locked host buffers: host<->GPU copies from pinned memory run ~7x faster than from
+    pageable memory, and allocating pinned memory per tensor would cost more than the copy."""
+
+    def __init__(self, nbytes: int, count: int):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True))
+
+    def acquire(self, stop: threading.Event | None = None) -> torch.Tensor | None:
+        while True:
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                if stop is not None and stop.is_set():
+                    return None
+
+    def release(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+
 class _Prefetcher:
-    """Reads planned tensors in order on a background thread, at most `depth` ahead."""
+    """Reads planned tensors in order on a background thread, at most `depth` ahead.
 
-    _DONE = object()
+    Each item is (key, tensor, pinned buffer or None). With a pool, tensors are read straight into pinned buffers
+    that the consumer must hand back (`pool.release`) once it no longer needs the bytes.
+    """
 
-    def __init__(self, reader: SafetensorsReader, keys: list[str], depth: int = 2):
+    def __init__(self, reader: SafetensorsReader, keys: list[str], depth: int = 2, pool: _PinnedPool | None = None):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._pool = pool
         self._thread = threading.Thread(target=self._run, args=(reader, keys), daemon=True, name="fp16lr-read")
         self._thread.start()
 
@@ -106,23 +130,29 @@ class _Prefetcher:
             if self._stop.is_set():
                 return
             try:
-                item = (key, reader.get(key), None)
+                if self._pool is not None:
+                    buf = self._pool.acquire(self._stop)
+                    if buf is None:
+                        return
+                    item = (key, reader.read_into(key, buf), buf, None)
+                else:
+                    item = (key, reader.get(key), None, None)
             except BaseException as e:  # handed to the consumer, which raises it
-                item = (key, None, e)
+                item = (key, None, None, e)
             while not self._stop.is_set():
                 try:
                     self._q.put(item, timeout=0.1)
                     break
                 except queue.Full:
                     continue
-            if item[2] is not None:
+            if item[3] is not None:
                 return
 
-    def get(self) -> tuple[str, torch.Tensor]:
-        key, t, err = self._q.get()
+    def get(self) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        key, t, buf, err = self._q.get()
         if err is not None:
             raise err
-        return key, t
+        return key, t, buf
 
     def close(self) -> None:
         self._stop.set()
@@ -135,7 +165,8 @@ class _Prefetcher:
 
 
 class _WriterThread:
-    """Writes tensors to a StreamingWriter on a background thread so disk writes overlap compute."""
+    """Writes tensors to a StreamingWriter on a background thread so disk writes overlap compute.
+    `release`, if given, is called once a tensor's bytes are written (to recycle its pinned buffer)."""
 
     def __init__(self, writer: StreamingWriter, depth: int = 2):
         self._w = writer
@@ -149,16 +180,19 @@ class _WriterThread:
             item = self._q.get()
             if item is None:
                 return
+            key, t, release = item
             if self.error is None:
                 try:
-                    self._w.write(*item)
+                    self._w.write(key, t)
                 except BaseException as e:
                     self.error = e
+            if release is not None:
+                release()
 
-    def put(self, key: str, t: torch.Tensor) -> None:
+    def put(self, key: str, t: torch.Tensor, release: Callable[[], None] | None = None) -> None:
         if self.error is not None:
             raise self.error
-        self._q.put((key, t))
+        self._q.put((key, t, release))
 
     def finish(self) -> None:
         self._q.put(None)
@@ -169,7 +203,7 @@ class _WriterThread:
 
 def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.device, layer_cal, cancel_fn,
               path: str) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
-    """Scale, round and measure one weight. Returns (fp16 on cpu, scale tensor, metrics, bias delta or None)."""
+    """Scale, round and measure one weight. Returns (fp16 on `device`, scale tensor, metrics, bias delta or None)."""
     t0 = time.perf_counter()
     w = w.to(device, non_blocking=True)
     if w.numel():
@@ -204,7 +238,7 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
         delta = bias_correction(deq, w.float(), layer_cal)
     m.update(info)
     m["seconds"] = time.perf_counter() - t0
-    return q.cpu(), torch.tensor([scale], dtype=torch.float32), m, delta
+    return q, torch.tensor([scale], dtype=torch.float32), m, delta
 
 
 def convert_file(src: str, dst: str | None = None, options: ConvertOptions | None = None,
@@ -240,7 +274,13 @@ def convert_file(src: str, dst: str | None = None, options: ConvertOptions | Non
         emit({"type": "start", "source": src, "output": dst, "total": total, "bytes_total": bytes_total,
               "settings": options.settings(), "device": str(device)})
         with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer:
-            prefetch = _Prefetcher(reader, [i.key for i in items if i.action != fmt.REMOVE])
+            keys = [i.key for i in items if i.action != fmt.REMOVE]
+            in_pool = out_pool = None
+            if device.type == "cuda":
+                biggest = max((i.nbytes for i in items), default=1)
+                biggest_q = max((2 * math.prod(i.shape) for i in items if i.action == fmt.QUANTIZE), default=1)
+                in_pool, out_pool = _PinnedPool(biggest, 2), _PinnedPool(biggest_q, 2)
+            prefetch = _Prefetcher(reader, keys, pool=in_pool)
             out = _WriterThread(writer)
             bias_deltas: dict[str, torch.Tensor] = {}
             bytes_done = 0
@@ -250,14 +290,24 @@ def convert_file(src: str, dst: str | None = None, options: ConvertOptions | Non
                     cancel_fn = (lambda i=index: _check_cancel(cancel, i, total)) if cancel else None
                     scale = None
                     m: dict = {}
+                    buf = None
                     if item.action != fmt.REMOVE:
-                        key, t = prefetch.get()
+                        key, t, buf = prefetch.get()
                         assert key == item.key
                     if item.action == fmt.QUANTIZE:
                         layer_cal = calibration.get(item.key) if calibration is not None else None
                         q, scale_t, m, delta = _quantize(item.key, t, options, device, layer_cal, cancel_fn, src)
                         scale = float(scale_t[0])
-                        out.put(item.key, q)
+                        if buf is not None:  # the device copy is complete: _quantize synced on its metrics
+                            in_pool.release(buf)
+                        if out_pool is not None:
+                            obuf = out_pool.acquire()
+                            host = obuf[: 2 * q.numel()].view(torch.float16).view(q.shape)
+                            host.copy_(q, non_blocking=True)
+                            torch.cuda.current_stream(device).synchronize()
+                            out.put(item.key, host, lambda b=obuf: out_pool.release(b))
+                        else:
+                            out.put(item.key, q)
                         out.put(item.outputs[1][0], scale_t)
                         if rules.t5xxl:
                             out.put(item.outputs[2][0], scale_t.clone())
@@ -265,13 +315,13 @@ def convert_file(src: str, dst: str | None = None, options: ConvertOptions | Non
                             bias_deltas[fmt.layer_of(item.key) + ".bias"] = delta
                     elif item.action == fmt.KEEP_UNSCALED:
                         scale = 1.0
-                        out.put(item.key, t)
+                        out.put(item.key, t, _releaser(in_pool, buf))
                         out.put(item.outputs[1][0], torch.ones(1, dtype=torch.float32))
                     elif item.action == fmt.KEEP:
                         delta = bias_deltas.pop(item.key, None)
                         if delta is not None:
                             t, m = _apply_bias_delta(t, delta)
-                        out.put(item.key, t)
+                        out.put(item.key, t, _releaser(in_pool, buf))
                     bytes_done += item.nbytes
                     elapsed = time.perf_counter() - t_start
                     rate = bytes_done / elapsed if elapsed > 0 else None
@@ -299,6 +349,10 @@ def convert_file(src: str, dst: str | None = None, options: ConvertOptions | Non
     report = summary.finish(os.path.getsize(dst), time.perf_counter() - t_start)
     emit({"type": "done", "report": report})
     return report
+
+
+def _releaser(pool: _PinnedPool | None, buf: torch.Tensor | None) -> Callable[[], None] | None:
+    return (lambda: pool.release(buf)) if pool is not None and buf is not None else None
 
 
 def _apply_bias_delta(bias: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -145,6 +145,8 @@ class SafetensorsReader:
     def __init__(self, path: str):
         self.header = read_header(path)
         self.path = path
+        self._fd: int | None = None
+        self._handle = None
         try:
             self._handle = safe_open(path, framework="pt", device="cpu")
             self._file = self._handle.__enter__()
@@ -161,7 +163,28 @@ class SafetensorsReader:
         except Exception as e:
             raise ConversionError(f"{self.path}: cannot read tensor '{key}' ({e})") from None
 
+    def read_into(self, key: str, buf: torch.Tensor) -> torch.Tensor:
+        """Read one tensor's bytes straight into `buf` (uint8, e.g. pinned memory for fast GPU copies) and return
+        a view of it with the tensor's dtype and shape. Offsets come from the validated header."""
+        info = self.header.tensors[key]
+        dtype = DTYPES[info.dtype][0]
+        view = buf[: info.nbytes]
+        if info.nbytes:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            mv = memoryview(view.numpy())
+            offset, done = self.header.data_start + info.begin, 0
+            while done < info.nbytes:
+                n = os.preadv(self._fd, [mv[done:]], offset + done)
+                if n <= 0:
+                    raise ConversionError(f"{self.path}: truncated while reading tensor '{key}'")
+                done += n
+        return view.view(dtype).view(info.shape)
+
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._handle is not None:
             self._handle.__exit__(None, None, None)
             self._handle = None
