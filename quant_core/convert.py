@@ -215,7 +215,7 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
         raise ConversionError(f"{path}: tensor '{key}' contains NaN or infinite values; refusing to convert it")
     scale, alt = candidate_scale(max_abs, options.scale)
     q_rtn, m = measure(w, scale)  # round-to-nearest, measured in the same pass
-    if alt is not None and worth_scaling(w, alt, m["rtn_err_sq"], m["w_sq"], m["tiny"]):
+    if alt is not None and worth_scaling(w, alt, m["rtn_err_sq"], m["w_sq"], m["tiny_err_sq"]):
         scale = alt
         q_rtn, m = measure(w, scale)
     q, info = q_rtn, {"method": "rtn"}
@@ -229,6 +229,7 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
         q, info = res.q, dict(res.info)
         if not torch.equal(q, q_rtn):
             _, m = measure(w, scale, q)
+    m["max_abs"] = max_abs
     if m["nonfinite"]:
         raise ConversionError(f"{path}: tensor '{key}' produced {m['nonfinite']} non-finite fp16 values")
     delta = None

@@ -63,17 +63,17 @@ def candidate_scale(max_abs: float, policy: str = "auto") -> tuple[float, float 
     return 1.0, s
 
 
-def worth_scaling(w: torch.Tensor, alt: float, err1_sq: float, w_sq: float, n_tiny: int) -> bool:
+def worth_scaling(w: torch.Tensor, alt: float, err1_sq: float, w_sq: float, tiny_err_sq: float) -> bool:
     """Auto policy: does scale `alt` cut the RTN error at scale 1 materially (see module doc)?
 
-    Scaling by 2^-k maps fp16's normal grid onto itself, so the two errors differ only on the `n_tiny` elements
-    below fp16's smallest normal (2^-14); each of those errs by at most 2^-25 at scale 1. When even that bound
-    cannot reach the thresholds, nothing more is computed; otherwise only those elements are re-rounded.
+    Scaling by 2^-k maps fp16's normal grid onto itself, so the two errors differ only on the elements below
+    fp16's smallest normal (2^-14), whose squared error at scale 1 is at most `tiny_err_sq`. When even removing all
+    of it cannot reach the thresholds, nothing more is computed; otherwise only those elements are re-rounded.
     """
-    if err1_sq == 0.0 or n_tiny == 0 or w_sq == 0.0:
+    if err1_sq == 0.0 or tiny_err_sq == 0.0 or w_sq == 0.0:
         return False
     w_norm = w_sq ** 0.5
-    if (n_tiny ** 0.5) * 2.0 ** -25 <= AUTO_MIN_GAIN * w_norm:
+    if tiny_err_sq ** 0.5 <= AUTO_MIN_GAIN * w_norm:
         return False
     wf = w.reshape(-1).float()
     small = wf[wf.abs() < FP16_MIN_NORMAL]
