@@ -97,7 +97,7 @@ def _measure_rtn_exact_source(w: torch.Tensor, scale: float) -> tuple[torch.Tens
     Such values are exactly representable in fp16 after a power-of-two scale unless they fall below fp16's smallest
     normal ("tiny"). Clamping the scaled values to +-2^-14 keeps the tiny ones and turns every other one into an
     exactly representable +-2^-14, so the rounding error of the clamped tensor *is* the error of the tensor, and the
-    counts come from plain float arithmetic (no boolean masks, which are slow on the CPU).
+    counts come from plain float arithmetic on it (no boolean masks, which are slow on the CPU).
     """
     flat = w.reshape(-1)
     n = flat.numel()
@@ -109,18 +109,21 @@ def _measure_rtn_exact_source(w: torch.Tensor, scale: float) -> tuple[torch.Tens
     for i, j in _chunks(n, w.device):
         wf = flat[i:j].float()
         w2 = torch.dot(wf, wf)
-        nz_w = _count_nonzero(wf)
         ws = wf.mul_(inv) if scale != 1.0 else wf
         q_flat[i:j].copy_(ws)
         t = ws.clamp_(-lim, lim)
         tq = t.half().float()
-        nz_q = _count_nonzero(tq)
-        below = _count_nonzero(tq.abs().sub_(lim))  # stored |q| < 2^-14, zeros included
-        d = tq.sub_(t)
-        acc += torch.stack([torch.dot(d, d), w2, _count_nonzero(d), nz_w, nz_q, below]).double()
+        d = tq - t
+        st, sq, sd = torch.sign(t), torch.sign(tq), torch.sign(d)
+        # |tq| < 2^-14 exactly where trunc(|tq| * 2^14) == 0 (|tq| <= 2^-14 after clamping)
+        full = torch.trunc(tq.abs_().mul_(1.0 / lim))
+        sums = torch.stack([torch.dot(d, d), w2, torch.dot(sd, sd), torch.dot(st, st), torch.dot(sq, sq),
+                            full.sum()])
+        acc += sums.double()
         max_d = torch.maximum(max_d, d.abs_().amax())
-    e_sq, w_sq, inexact, nz_w, nz_q, below = acc.tolist()
+    e_sq, w_sq, inexact, nz_w, nz_q, normal = acc.tolist()
     e_sq *= scale * scale
+    below = n - normal  # stored |q| < 2^-14, zeros included
     m = _finish(n, scale, e_sq, w_sq, inexact, nz_w - nz_q, below - (n - nz_q), e_sq, 0,
                 float("nan"), float(max_d) / lim)
     m["tiny_err_sq"] = e_sq  # all of the error sits in the tiny elements
