@@ -219,7 +219,9 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
         scale = alt
         q_rtn, m = measure(w, scale)
     q, info = q_rtn, {"method": "rtn"}
-    if options.num_iter > 0:
+    if options.num_iter > 0 and m["err_sq"] == 0.0:
+        info = {"method": "exact"}  # every element is representable: there is nothing to round
+    elif options.num_iter > 0:
         from . import rounding
         ws = w.float()
         if scale != 1.0:
