@@ -1,0 +1,52 @@
+"""The per-tensor event stream that the CLI, the ComfyUI nodes and the web UI consume (docs/ARCHITECTURE.md)."""
+
+import json
+
+from quant_core import ConvertOptions, convert_file
+from quant_core.report import compact, format_summary
+
+METRIC_FIELDS = {"max_abs", "scale", "nonfinite", "flushed_to_zero", "subnormal", "rel_error", "rtn_rel_error",
+                 "error_ratio", "max_rel_error", "bit_exact_fraction", "changed_vs_rtn", "seconds", "method"}
+
+
+def test_event_stream(flux_bf16, tmp_path):
+    events = []
+    out = str(tmp_path / "o.safetensors")
+    report = convert_file(flux_bf16, out, ConvertOptions(num_iter=0), on_event=events.append)
+    json.dumps(events)  # everything is JSON-serialisable, as the nodes forward it to the browser
+    start, tensors, done = events[0], events[1:-1], events[-1]
+    assert start["type"] == "start" and start["total"] == len(tensors) and start["output"] == out
+    assert done["type"] == "done" and done["report"] == report
+    assert [e["index"] for e in tensors] == list(range(1, len(tensors) + 1))
+    assert all(e["total"] == len(tensors) for e in tensors)
+    done_bytes = [e["bytes_done"] for e in tensors]
+    assert done_bytes == sorted(done_bytes) and done_bytes[-1] == start["bytes_total"] == tensors[0]["bytes_total"]
+    assert tensors[-1]["eta_s"] == 0.0 and all(e["rate_bytes_s"] > 0 for e in tensors)
+    assert all(e["elapsed_s"] >= 0 and (e["eta_s"] is None or e["eta_s"] >= 0) for e in tensors)
+    quantized = [e for e in tensors if e["action"] == "quantized"]
+    kept = [e for e in tensors if e["action"] == "kept"]
+    assert len(quantized) == report["counts"]["quantized"] and len(kept) == report["counts"]["kept"]
+    for e in quantized:
+        assert METRIC_FIELDS <= set(e["metrics"]), set(e["metrics"]) ^ METRIC_FIELDS
+        assert e["dtype"] == "bfloat16" and e["scale"] == 1.0 and e["metrics"]["nonfinite"] == 0
+        assert isinstance(e["shape"], list) and len(e["shape"]) == 2
+    assert all(e["scale"] is None and e["metrics"] == {} for e in kept)
+    # the overall figure is an energy-weighted mean of the per-tensor ones, so it lies between them
+    rels = [t["rel_error"] for t in report["tensors"]]
+    assert min(rels) <= report["rel_error"] <= max(rels) and report["rel_error"] > 0
+    c = compact(report)
+    assert "tensors" not in c and len(c["ratios"]) == len(quantized)
+    text = format_summary(report)
+    assert f"{len(quantized)} quantized" in text and "round-to-nearest" in text
+
+
+def test_events_for_removed_and_unscaled(t5_fp32, tmp_path):
+    events = []
+    convert_file(t5_fp32, str(tmp_path / "o.safetensors"), ConvertOptions(t5xxl=True, num_iter=0),
+                 on_event=events.append)
+    removed = [e for e in events if e.get("action") == "removed"]
+    assert removed and all("decoder" in e["key"] or "lm_head" in e["key"] for e in removed)
+    q = [e for e in events if e.get("action") == "quantized"]
+    assert all(e["dtype"] == "float32" and e["metrics"]["error_ratio"] == 1.0 for e in q)
+    # fp32 sources: RTN error is real and reported beside the stored error
+    assert all(0 < e["metrics"]["rel_error"] < 1e-3 for e in q)
