@@ -6,8 +6,9 @@ A plain library (torch, safetensors, tqdm); it never imports ComfyUI. See docs/A
 __version__ = "0.1.0"
 
 from .errors import Cancelled, ConversionError  # noqa: E402
-from .convert import ConvertOptions, convert_file  # noqa: E402
+from .convert import ConvertOptions, convert, convert_file  # noqa: E402
+from .sources import StateDictSource  # noqa: E402
 from .format import iter_dequantized, load_dequantized_state_dict  # noqa: E402
 
-__all__ = ["__version__", "Cancelled", "ConversionError", "ConvertOptions", "convert_file",
+__all__ = ["__version__", "Cancelled", "ConversionError", "ConvertOptions", "StateDictSource", "convert", "convert_file",
            "iter_dequantized", "load_dequantized_state_dict"]

@@ -23,7 +23,7 @@ from .errors import Cancelled, ConversionError
 from .metrics import measure
 from .report import Summary
 from .safetensors_io import SafetensorsReader, StreamingWriter, check_input_path
-from .scaling import POLICIES, candidate_scale, pow2_scale, worth_scaling
+from .scaling import POLICIES, candidate_scale, worth_scaling
 
 EventCallback = Callable[[dict], None]
 CancelHook = Callable[[], object]
@@ -71,8 +71,8 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def check_output_path(src: str, dst: str, overwrite: bool) -> None:
-    if os.path.realpath(src) == os.path.realpath(dst):
+def check_output_path(src: str | None, dst: str, overwrite: bool) -> None:
+    if src is not None and os.path.realpath(src) == os.path.realpath(dst):
         raise ConversionError(f"{dst}: output is the input file; choose another output name")
     if os.path.isdir(dst):
         raise ConversionError(f"{dst}: is a folder; give an output file name")
@@ -257,9 +257,22 @@ def convert_file(src: str, dst: str | None = None, options: ConvertOptions | Non
     check_input_path(src)
     dst = dst or fmt.default_output_path(src, options.keep_distillation)
     check_output_path(src, dst, options.overwrite)
+    resolve_device(options.device)  # before opening anything: a bad device is a usage error
+    with SafetensorsReader(src) as reader:
+        return convert(reader, dst, options, on_event, cancel)
+
+
+def convert(source, dst: str, options: ConvertOptions | None = None, on_event: EventCallback | None = None,
+            cancel: CancelHook | None = None) -> dict:
+    """Convert any tensor source (a `SafetensorsReader`, or a `sources.StateDictSource` for tensors in memory) to
+    the scaled-FP16 file `dst`. Same events, cancel and no-partial-file guarantees as `convert_file`."""
+    options = options or ConvertOptions()
+    options.validate()
+    check_output_path(None, dst, options.overwrite)
     device = resolve_device(options.device)
     emit = on_event or (lambda e: None)
     rules = fmt.Rules(options.t5xxl, options.keep_distillation)
+    src = source.path
 
     calibration = None
     if options.calibration:
@@ -267,88 +280,88 @@ def convert_file(src: str, dst: str | None = None, options: ConvertOptions | Non
         calibration = load_calibration(options.calibration)
 
     t_start = time.perf_counter()
-    with SafetensorsReader(src) as reader:
-        header = reader.header
-        items = fmt.plan(header, rules)
-        total = len(items)
-        bytes_total = sum(i.nbytes for i in items)
-        meta = fmt.metadata(header.metadata, src, options.settings(), __version__)
-        summary = Summary(src, dst, options.settings(), header.file_size)
-        emit({"type": "start", "source": src, "output": dst, "total": total, "bytes_total": bytes_total,
-              "settings": options.settings(), "device": str(device)})
-        with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer:
-            keys = [i.key for i in items if i.action != fmt.REMOVE]
-            in_pool = out_pool = None
-            if device.type == "cuda":
-                biggest = max((i.nbytes for i in items), default=1)
-                biggest_q = max((2 * math.prod(i.shape) for i in items if i.action == fmt.QUANTIZE), default=1)
-                in_pool, out_pool = _PinnedPool(biggest, 2), _PinnedPool(biggest_q, 2)
-            prefetch = _Prefetcher(reader, keys, pool=in_pool)
-            out = _WriterThread(writer)
-            bias_deltas: dict[str, torch.Tensor] = {}
-            bytes_done = 0
+    reader = source
+    header = source.header
+    items = fmt.plan(header, rules)
+    total = len(items)
+    bytes_total = sum(i.nbytes for i in items)
+    meta = fmt.metadata(header.metadata, src, options.settings(), __version__)
+    summary = Summary(src, dst, options.settings(), header.file_size)
+    emit({"type": "start", "source": src, "output": dst, "total": total, "bytes_total": bytes_total,
+          "settings": options.settings(), "device": str(device)})
+    with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer:
+        keys = [i.key for i in items if i.action != fmt.REMOVE]
+        in_pool = out_pool = None
+        if device.type == "cuda" and isinstance(reader, SafetensorsReader):
+            biggest = max((i.nbytes for i in items), default=1)
+            biggest_q = max((2 * math.prod(i.shape) for i in items if i.action == fmt.QUANTIZE), default=1)
+            in_pool, out_pool = _PinnedPool(biggest, 2), _PinnedPool(biggest_q, 2)
+        prefetch = _Prefetcher(reader, keys, pool=in_pool)
+        out = _WriterThread(writer)
+        bias_deltas: dict[str, torch.Tensor] = {}
+        bytes_done = 0
+        try:
+            for index, item in enumerate(items, 1):
+                _check_cancel(cancel, index, total)
+                cancel_fn = (lambda i=index: _check_cancel(cancel, i, total)) if cancel else None
+                scale = None
+                m: dict = {}
+                buf = None
+                if item.action != fmt.REMOVE:
+                    key, t, buf = prefetch.get()
+                    assert key == item.key
+                if item.action == fmt.QUANTIZE:
+                    layer_cal = calibration.get(item.key) if calibration is not None else None
+                    q, scale_t, m, delta = _quantize(item.key, t, options, device, layer_cal, cancel_fn, src)
+                    scale = float(scale_t[0])
+                    if buf is not None:  # the device copy is complete: _quantize synced on its metrics
+                        in_pool.release(buf)
+                    if out_pool is not None:
+                        obuf = out_pool.acquire()
+                        host = obuf[: 2 * q.numel()].view(torch.float16).view(q.shape)
+                        host.copy_(q, non_blocking=True)
+                        torch.cuda.current_stream(device).synchronize()
+                        out.put(item.key, host, lambda b=obuf: out_pool.release(b))
+                    else:
+                        out.put(item.key, q)
+                    out.put(item.outputs[1][0], scale_t)
+                    if rules.t5xxl:
+                        out.put(item.outputs[2][0], scale_t.clone())
+                    if delta is not None:
+                        bias_deltas[fmt.layer_of(item.key) + ".bias"] = delta
+                elif item.action == fmt.KEEP_UNSCALED:
+                    scale = 1.0
+                    out.put(item.key, t, _releaser(in_pool, buf))
+                    out.put(item.outputs[1][0], torch.ones(1, dtype=torch.float32))
+                elif item.action == fmt.KEEP:
+                    delta = bias_deltas.pop(item.key, None)
+                    if delta is not None:
+                        t, m = _apply_bias_delta(t, delta)
+                    out.put(item.key, t, _releaser(in_pool, buf))
+                bytes_done += item.nbytes
+                elapsed = time.perf_counter() - t_start
+                rate = bytes_done / elapsed if elapsed > 0 else None
+                event = {
+                    "type": "tensor", "key": item.key, "index": index, "total": total,
+                    "shape": list(item.shape), "dtype": fmt.dtype_name(item.dtype),
+                    "action": fmt.ACTION_NAMES[item.action], "scale": scale,
+                    "bytes_done": bytes_done, "bytes_total": bytes_total, "elapsed_s": elapsed,
+                    "eta_s": (bytes_total - bytes_done) / rate if rate else None,
+                    "rate_bytes_s": rate, "metrics": m,
+                }
+                summary.add(event)
+                emit(event)
+            out.put(fmt.MARKER_KEY, fmt.marker_tensor(rules))
+            out.finish()
+        except BaseException:
+            prefetch.close()
             try:
-                for index, item in enumerate(items, 1):
-                    _check_cancel(cancel, index, total)
-                    cancel_fn = (lambda i=index: _check_cancel(cancel, i, total)) if cancel else None
-                    scale = None
-                    m: dict = {}
-                    buf = None
-                    if item.action != fmt.REMOVE:
-                        key, t, buf = prefetch.get()
-                        assert key == item.key
-                    if item.action == fmt.QUANTIZE:
-                        layer_cal = calibration.get(item.key) if calibration is not None else None
-                        q, scale_t, m, delta = _quantize(item.key, t, options, device, layer_cal, cancel_fn, src)
-                        scale = float(scale_t[0])
-                        if buf is not None:  # the device copy is complete: _quantize synced on its metrics
-                            in_pool.release(buf)
-                        if out_pool is not None:
-                            obuf = out_pool.acquire()
-                            host = obuf[: 2 * q.numel()].view(torch.float16).view(q.shape)
-                            host.copy_(q, non_blocking=True)
-                            torch.cuda.current_stream(device).synchronize()
-                            out.put(item.key, host, lambda b=obuf: out_pool.release(b))
-                        else:
-                            out.put(item.key, q)
-                        out.put(item.outputs[1][0], scale_t)
-                        if rules.t5xxl:
-                            out.put(item.outputs[2][0], scale_t.clone())
-                        if delta is not None:
-                            bias_deltas[fmt.layer_of(item.key) + ".bias"] = delta
-                    elif item.action == fmt.KEEP_UNSCALED:
-                        scale = 1.0
-                        out.put(item.key, t, _releaser(in_pool, buf))
-                        out.put(item.outputs[1][0], torch.ones(1, dtype=torch.float32))
-                    elif item.action == fmt.KEEP:
-                        delta = bias_deltas.pop(item.key, None)
-                        if delta is not None:
-                            t, m = _apply_bias_delta(t, delta)
-                        out.put(item.key, t, _releaser(in_pool, buf))
-                    bytes_done += item.nbytes
-                    elapsed = time.perf_counter() - t_start
-                    rate = bytes_done / elapsed if elapsed > 0 else None
-                    event = {
-                        "type": "tensor", "key": item.key, "index": index, "total": total,
-                        "shape": list(item.shape), "dtype": fmt.dtype_name(item.dtype),
-                        "action": fmt.ACTION_NAMES[item.action], "scale": scale,
-                        "bytes_done": bytes_done, "bytes_total": bytes_total, "elapsed_s": elapsed,
-                        "eta_s": (bytes_total - bytes_done) / rate if rate else None,
-                        "rate_bytes_s": rate, "metrics": m,
-                    }
-                    summary.add(event)
-                    emit(event)
-                out.put(fmt.MARKER_KEY, fmt.marker_tensor(rules))
                 out.finish()
             except BaseException:
-                prefetch.close()
-                try:
-                    out.finish()
-                except BaseException:
-                    pass
-                raise
-            prefetch.close()
-            writer.commit()
+                pass
+            raise
+        prefetch.close()
+        writer.commit()
     report = summary.finish(os.path.getsize(dst), time.perf_counter() - t_start)
     emit({"type": "done", "report": report})
     return report
@@ -366,4 +379,4 @@ def _apply_bias_delta(bias: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Te
     return new, {"bias_corrected": True, "bias_change": change / bn if bn > 0 else change}
 
 
-__all__ = ["ConvertOptions", "convert_file", "resolve_device", "pow2_scale"]
+__all__ = ["ConvertOptions", "convert", "convert_file", "resolve_device"]

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from quant_core import ConvertOptions, convert_file
 from quant_core.report import compact, format_summary
 
@@ -50,3 +52,37 @@ def test_events_for_removed_and_unscaled(t5_fp32, tmp_path):
     assert all(e["dtype"] == "float32" and e["metrics"]["error_ratio"] == 1.0 for e in q)
     # fp32 sources: RTN error is real and reported beside the stored error
     assert all(0 < e["metrics"]["rel_error"] < 1e-3 for e in q)
+
+
+def test_state_dict_source_streams_lazily(flux_bf16, tmp_path):
+    """Tensors held or computed in memory (a ComfyUI model with a LoRA applied) convert like the same file."""
+    from safetensors import safe_open
+    from quant_core import StateDictSource, convert
+
+    with safe_open(flux_bf16, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    asked = []
+
+    def getter(key):
+        asked.append(key)
+        return tensors[key]
+
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    convert(StateDictSource("flux-small.safetensors", specs, getter), a, ConvertOptions(num_iter=0))
+    convert_file(flux_bf16, b, ConvertOptions(num_iter=0))
+    assert sorted(asked) == sorted(tensors) and len(asked) == len(set(asked))  # each produced once, on demand
+    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        assert set(fa.keys()) == set(fb.keys())
+        for k in fa.keys():
+            assert torch.equal(fa.get_tensor(k), fb.get_tensor(k)), k
+
+
+def test_state_dict_source_rejects_mismatch(tmp_path):
+    import pytest
+    from quant_core import ConversionError, StateDictSource, convert
+
+    src = StateDictSource("model", {"a.weight": (torch.float32, (4, 4))}, lambda k: torch.zeros(3, 3))
+    with pytest.raises(ConversionError, match="'a.weight'"):
+        convert(src, str(tmp_path / "o.safetensors"), ConvertOptions(num_iter=0))
+    assert list(tmp_path.iterdir()) == []
