@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "activation-aware rounding and bias correction)")
     p.add_argument("--scale", choices=POLICIES, default="auto", help="auto: scale 1 unless a tensor would "
                    "overflow fp16 or lose precision to subnormals; pow2: always scale (BF16 input exactly lossless)")
+    p.add_argument("--scaled_fp8_marker", action="store_true", help="also write ComfyUI's 'scaled_fp8' marker "
+                   "(float16) so that stock ComfyUI loaders apply scale_weight (see README)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--report", metavar="FILE.json", help="write the full per-tensor report as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 def _convert(args, src: str, dst: str | None) -> int:
     options = ConvertOptions(t5xxl=args.t5xxl, keep_distillation=args.keep_distillation, num_iter=args.num_iter,
                              top_k=args.top_k, calib_samples=args.calib_samples, scale=args.scale,
-                             calibration=args.calibration, device=args.device, overwrite=args.overwrite)
+                             calibration=args.calibration, device=args.device, overwrite=args.overwrite,
+                             scaled_fp8_marker=args.scaled_fp8_marker)
     bar = ProgressBar(args.quiet)
     try:
         report = convert_file(src, dst, options, on_event=bar)

@@ -40,6 +40,7 @@ class ConvertOptions:
     calib_samples: int = 3072
     scale: str = "auto"          # "auto" | "pow2", see scaling.py
     calibration: str | None = None  # calibration statistics file (see calibration.py)
+    scaled_fp8_marker: bool = False  # also write ComfyUI's `scaled_fp8` marker (see README: stock loaders)
     device: str = "auto"         # "auto" | "cpu" | "cuda" | "cuda:N"
     overwrite: bool = False
 
@@ -271,7 +272,7 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
     check_output_path(None, dst, options.overwrite)
     device = resolve_device(options.device)
     emit = on_event or (lambda e: None)
-    rules = fmt.Rules(options.t5xxl, options.keep_distillation)
+    rules = fmt.Rules(options.t5xxl, options.keep_distillation, options.scaled_fp8_marker)
     src = source.path
 
     calibration = None
@@ -351,7 +352,8 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
                 }
                 summary.add(event)
                 emit(event)
-            out.put(fmt.MARKER_KEY, fmt.marker_tensor(rules))
+            for key, marker in fmt.markers(rules).items():
+                out.put(key, marker)
             out.finish()
         except BaseException:
             prefetch.close()

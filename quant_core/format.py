@@ -37,10 +37,15 @@ QUANTIZE, KEEP, REMOVE, KEEP_UNSCALED = "quantize", "keep", "remove", "keep_unsc
 ACTION_NAMES = {QUANTIZE: "quantized", KEEP: "kept", REMOVE: "removed", KEEP_UNSCALED: "kept"}
 
 
+FP8_MARKER_KEY = "scaled_fp8"
+
+
 @dataclass(frozen=True)
 class Rules:
     t5xxl: bool = False
     keep_distillation: bool = False
+    # also write ComfyUI's own `scaled_fp8` marker (float16, shape [0]) so that stock loaders apply scale_weight
+    scaled_fp8_marker: bool = False
 
 
 def classify(key: str, dtype: str, shape: tuple[int, ...], rules: Rules) -> str:
@@ -108,14 +113,18 @@ def plan(header: Header, rules: Rules) -> list[PlanItem]:
     return ordered
 
 
+def markers(rules: Rules) -> dict[str, torch.Tensor]:
+    """The marker tensors written after all weights."""
+    out = {MARKER_KEY: torch.zeros((0,) if rules.t5xxl else (2,), dtype=torch.float16)}
+    if rules.scaled_fp8_marker:
+        out[FP8_MARKER_KEY] = torch.zeros((0,), dtype=torch.float16)  # ComfyUI reads only its dtype
+    return out
+
+
 def output_entries(items: list[PlanItem], rules: Rules) -> list[tuple[str, str, tuple[int, ...]]]:
     entries = [e for item in items for e in item.outputs]
-    entries.append((MARKER_KEY, "F16", (0,) if rules.t5xxl else (2,)))
+    entries += [(k, "F16", tuple(t.shape)) for k, t in markers(rules).items()]
     return entries
-
-
-def marker_tensor(rules: Rules) -> torch.Tensor:
-    return torch.zeros((0,) if rules.t5xxl else (2,), dtype=torch.float16)
 
 
 def metadata(source_meta: dict[str, str], source_path: str, settings: dict, converter_version: str) -> dict[str, str]:

@@ -1,0 +1,289 @@
+"""Learned rounding on the fp16 grid.
+
+Every element of the scaled weight ``ws`` (float32, already divided by its power-of-two scale) has two neighbouring
+fp16 values: the round-to-nearest one (RTN) and the next one on the other side of ``ws``. The rounding decides, per
+element, which of the two is stored; every objective is evaluated on those stored values, never on a continuous
+copy. Elements that fp16 represents exactly (every BF16 value inside fp16's normal range) have one neighbour only
+and never move.
+
+Two modes (see docs/rounding.md for the method and measured figures):
+
+- default (no activations): keep RTN's Frobenius error almost unchanged while driving the error along the top-k
+  principal directions of W, ``||U_k^T (Q - W) V_k||``, towards zero. A few passes of "flip the elements with the
+  best gain per unit of extra Frobenius error until the first-order gain covers what is left"; the threshold is
+  found from an integer histogram on the device, so no pass waits for the host.
+- calibrated (a `LayerCalibration` with the layer's input statistics): minimise ``E||(Q - W) x||^2`` with GPTQ-style
+  error feedback on the fp16 grid (act-order, damping), then coordinate-descent refinement on the same quadratic.
+
+Determinism: no random state outside fixed seeds, no floating-point atomics (histograms are integer sums), and the
+decisions are made in float64, so a CPU and a GPU run store the same bytes unless some element's score falls within
+~1e-15 of a decision boundary (floating-point non-associativity of the two devices' sums).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from .calibration import LayerCalibration
+
+# default mode
+MAX_PASSES = 6           # refinement passes; num_iter caps this, beyond it the objective is at its granularity floor
+BASIS_ITERS = 8          # block Krylov steps for the top-k basis (each: two skinny products with W)
+OVERSAMPLE = 6           # extra vectors per Krylov block
+BASIS_SEED = 20240601
+BINS_PER_OCTAVE = 32     # histogram resolution of the gain/cost ratio
+LOG2_SPAN = 1100         # ratios are binned over 2^-1100 .. 2^1100: every finite float64 ratio
+NBINS = 2 * LOG2_SPAN * BINS_PER_OCTAVE
+SPREAD = 1024            # extra bins that absorb non-candidates (spread out to avoid atomic contention on one bin)
+FIXED_ONE = 1 << 32      # fixed-point unit of gain and cost sums (integer sums are exact and order-free)
+POOL_COST = 0.25        # candidate pool: flips costing at most this fraction of the squared fp16 gap
+STEPS = (1.0, 0.6, 0.35, 0.2)  # first-order step fractions tried by each pass's line search
+FROB_BUDGET = 0.01       # extra squared Frobenius error allowed, relative to RTN's (relF at most ~1.005x RTN)
+
+# calibrated mode
+DAMP = 0.01              # H += DAMP * mean(diag H) * I
+BLOCK = 128              # GPTQ column block
+REFINE_SWEEPS = 4        # coordinate-descent sweeps after GPTQ (num_iter - 1 caps this)
+FP64_WORK = 1 << 36      # GPTQ in float64 when out * in^2 is at most this, else float32
+
+CancelHook = Callable[[], object]
+
+
+@dataclass
+class RoundingResult:
+    """`q`: float16, the shape and device of the input. `info`: JSON-serialisable method metrics."""
+
+    q: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+def round_to_fp16(ws: torch.Tensor, *, top_k: int, num_iter: int,
+                  calibration: "LayerCalibration | None" = None,
+                  cancel: CancelHook | None = None) -> RoundingResult:
+    """Round the scaled weight `ws` (float32, shape [out, ...]) to float16, choosing per element between its two
+    neighbouring fp16 values. ``num_iter == 0`` is exactly RTN; exactly representable elements never move.
+
+    With `calibration` (the layer's input statistics) the calibrated mode runs, otherwise the top-k mode.
+    `cancel()` is called between passes and raises (or returns True) to abort.
+    """
+    if ws.dtype != torch.float32:
+        raise TypeError(f"round_to_fp16 expects float32, got {ws.dtype}")
+    shape = ws.shape
+    rtn_info = {"method": "rtn", "iterations": 0}
+    if num_iter <= 0 or ws.numel() == 0:
+        return RoundingResult(ws.to(torch.float16), rtn_info)
+    w2 = ws.reshape(shape[0], -1) if ws.dim() >= 2 else ws.reshape(1, -1)
+    if calibration is not None:
+        if calibration.in_features != w2.shape[1]:
+            raise ValueError(f"calibration has {calibration.in_features} input features, weight has {w2.shape[1]}")
+        q, info = _calibrated(w2, calibration, num_iter, cancel)
+    elif top_k <= 0:
+        return RoundingResult(ws.to(torch.float16), rtn_info)
+    else:
+        q, info = _topk(w2, min(top_k, min(w2.shape)), min(num_iter, MAX_PASSES), cancel)
+    return RoundingResult(q.view(shape), info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fp16 grid
+
+
+def neighbours(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rtn fp16, other fp16, e = rtn - ws, d = other - rtn), e and d float32 (both exact).
+
+    `other` is the next fp16 value beyond `ws` on the side away from its RTN value; `d` is 0 where there is no
+    choice: `ws` exactly representable, or the other neighbour would be infinite.
+    """
+    q = ws.to(torch.float16)
+    qf = q.float()
+    e = qf - ws
+    away = ws.abs() > qf.abs()
+    # fp16 is sign-magnitude: +-1 on the bit pattern moves the magnitude one step away from / towards zero
+    other = (q.view(torch.int16) + (away.to(torch.int16) * 2 - 1)).view(torch.float16)
+    of = other.float()
+    valid = (e != 0) & torch.isfinite(of) & torch.isfinite(qf)
+    d = torch.where(valid, of - qf, 0.0)
+    return q, other, e, d
+
+
+def _row_chunks(m: int, n: int, device: torch.device):
+    budget = (1 << 24) if device.type == "cuda" else (1 << 18)
+    step = max(1, budget // max(n, 1))
+    return [(i, min(i + step, m)) for i in range(0, m, step)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# default mode: top-k principal directions
+
+
+def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: int = BASIS_SEED
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left/right singular vectors of `w2` ([m, n]) as float64 ([m, k], [n, k]).
+
+    Randomized block Krylov iteration: blocks of k + OVERSAMPLE vectors, `iters` products with W W^T, one
+    orthonormal basis of all blocks, Rayleigh-Ritz at the end. It converges far faster than plain subspace
+    iteration when the top singular values are close (common in trained layers). float64 throughout so that
+    devices agree; the start block comes from a seeded CPU generator.
+    """
+    m, n = w2.shape
+    w64 = w2.double()
+    if min(m, n) <= (k + OVERSAMPLE) * (iters + 1):
+        # small: the exact SVD costs less than the iteration (via the Gram matrix of the short side)
+        if n <= m:
+            evals, evecs = torch.linalg.eigh(w64.T @ w64)
+            v = evecs[:, -k:].flip(1)
+            u = w64 @ v
+        else:
+            evals, evecs = torch.linalg.eigh(w64 @ w64.T)
+            u = evecs[:, -k:].flip(1)
+            v = w64.T @ u
+        return _normalize_columns(u), _normalize_columns(v)
+    p = k + OVERSAMPLE
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64).to(w2.device)
+    y, _ = torch.linalg.qr(w64 @ x)
+    blocks = [y]
+    for _ in range(iters):
+        y, _ = torch.linalg.qr(w64 @ (w64.T @ y))
+        blocks.append(y)
+    basis, _ = torch.linalg.qr(torch.cat(blocks, 1))
+    ub, _, vh = torch.linalg.svd(basis.T @ w64, full_matrices=False)
+    return (basis @ ub[:, :k]).contiguous(), vh[:k].T.contiguous()
+
+
+def _normalize_columns(a: torch.Tensor) -> torch.Tensor:
+    return (a / a.norm(dim=0, keepdim=True).clamp_min(1e-300)).contiguous()
+
+
+def _boundary(cum_gain: torch.Tensor, gain_hist: torch.Tensor, target: float) -> torch.Tensor:
+    """Number of best bins whose summed fixed-point gain lands nearest `target` * FIXED_ONE (device scalar)."""
+    t = int(target * FIXED_ONE)
+    idx = torch.count_nonzero(cum_gain < t)
+    i = idx.clamp(max=NBINS - 1).view(1)
+    incl = cum_gain.gather(0, i)[0]
+    excl = incl - gain_hist.gather(0, i)[0]
+    take = (incl - t) < (t - excl)
+    return torch.where(idx >= NBINS, NBINS, idx + take.long())
+
+
+def _candidate_pool(w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The elements worth considering, compacted: (flat index, row, column, e, d) with e, d float64.
+
+    An element is in the pool if its flip costs at most POOL_COST of its squared fp16 gap (|e| >= 3/8 of the gap),
+    about a quarter of all inexact elements; the flips the passes choose are almost all far cheaper than that.
+    One host sync (the pool's size) per tensor.
+    """
+    m, n = w2.shape
+    idx, ee, dd = [], [], []
+    for r0, r1 in _row_chunks(m, n, w2.device):
+        _, _, e, d = neighbours(w2[r0:r1])
+        keep = (d != 0) & (d * (2.0 * e + d) <= POOL_COST * d * d)
+        i = torch.nonzero(keep.view(-1)).view(-1)
+        idx.append(i + r0 * n)
+        ee.append(e.view(-1)[i])
+        dd.append(d.view(-1)[i])
+    idx = torch.cat(idx)
+    return idx, idx // n, idx % n, torch.cat(ee).double(), torch.cat(dd).double()
+
+
+def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> tuple[torch.Tensor, dict]:
+    m, n = w2.shape
+    dev = w2.device
+    u, v = principal_basis(w2, k)
+
+    mat = torch.zeros(k, k, dtype=torch.float64, device=dev)  # U^T (Q - W) V, kept current through the passes
+    rtn_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for r0, r1 in _row_chunks(m, n, dev):
+        _, _, e, _ = neighbours(w2[r0:r1])
+        e64 = e.double()
+        mat += u[r0:r1].T @ (e64 @ v)
+        rtn_sq += (e64 * e64).sum()
+    mat_rtn = mat.clone()
+
+    flat, rows, cols, e, d = _candidate_pool(w2)
+    cost = d * (2.0 * e + d)                  # extra squared error of each flip (>= 0: RTN is nearest)
+    ud = u.index_select(0, rows)              # [N, k] rows of U and V each pool element touches
+    vc = v.index_select(0, cols)
+    log_cost = torch.log2(cost)
+    flipped = torch.zeros(flat.numel(), dtype=torch.bool, device=dev)
+    spread = NBINS + (torch.arange(flat.numel(), device=dev) % SPREAD)
+    budget = FROB_BUDGET * rtn_sq
+    spent = torch.zeros((), dtype=torch.float64, device=dev)
+
+    for _ in range(passes):
+        _check(cancel)
+        # first order: flipping element (i, j) changes M by d_ij u_i v_j^T and ||M||^2 by 2 d_ij (U M V^T)_ij;
+        # a set of flips whose summed gain is ||M||^2 would take M to zero if all its parts were aligned
+        gain_unit = FIXED_ONE / (mat * mat).sum().clamp_min(1e-300)
+        cost_unit = FIXED_ONE / (budget - spent).clamp_min(1e-300)
+        gain = -((ud @ mat) * vc).sum(1) * d
+        cand = (gain > 0) & (gain * gain_unit < FIXED_ONE) & (cost * cost_unit <= FIXED_ONE) & ~flipped
+        b = ((LOG2_SPAN - torch.log2(gain) + log_cost) * BINS_PER_OCTAVE).floor_().clamp_(0, NBINS - 1).long()
+        index = torch.where(cand, b, spread)
+        gain_hist = torch.zeros(NBINS + SPREAD, dtype=torch.int64, device=dev)
+        cost_hist = torch.zeros(NBINS + SPREAD, dtype=torch.int64, device=dev)
+        gain_hist.scatter_add_(0, index, torch.where(cand, (gain * gain_unit).floor_(), 0.0).long())
+        cost_hist.scatter_add_(0, index, torch.where(cand, (cost * cost_unit).ceil_(), 0.0).long())
+        cum_gain = torch.cumsum(gain_hist[:NBINS], 0)
+        by_cost = torch.count_nonzero(torch.cumsum(cost_hist[:NBINS], 0) <= FIXED_ONE)
+        # nested prefixes of the ranking (full first-order step, then shorter ones); the one that leaves the
+        # smallest ||M|| is taken, or none: each pass can only lower the objective
+        level = torch.zeros_like(b)
+        for target in STEPS:
+            level += (cand & (b < torch.minimum(_boundary(cum_gain, gain_hist, target), by_cost))).long()
+        dmat = torch.zeros(len(STEPS) + 1, k, k, dtype=torch.float64, device=dev)
+        dcost = torch.zeros(len(STEPS) + 1, dtype=torch.float64, device=dev)
+        for r in range(len(STEPS), 0, -1):  # prefix r holds the elements with level >= r
+            dr = torch.where(level == r, d, 0.0)
+            dmat[r - 1] = dmat[r] + (ud * dr[:, None]).T @ vc
+            dcost[r - 1] = dcost[r] + torch.where(level == r, cost, 0.0).sum()
+        resid = ((mat + dmat) ** 2).sum((1, 2))  # entry i < len(STEPS): prefix i + 1; the last: no flips
+        i = len(STEPS) - torch.argmin(resid.flip(0))  # ties go to fewer flips
+        flipped |= level >= i + 1
+        mat = mat + dmat[i]
+        spent = spent + dcost[i]
+
+    sel = torch.zeros(m * n, dtype=torch.bool, device=dev)
+    sel[flat] = flipped
+    sel = sel.view(m, n)
+    q = torch.empty(m, n, dtype=torch.float16, device=dev)
+    for r0, r1 in _row_chunks(m, n, dev):
+        rtn, other, _, _ = neighbours(w2[r0:r1])
+        q[r0:r1] = torch.where(sel[r0:r1], other, rtn)
+    stats = torch.stack([mat.norm(), mat_rtn.norm(), torch.count_nonzero(flipped).double(),
+                         spent / rtn_sq.clamp_min(1e-300)]).tolist()  # one sync
+    topk, topk_rtn, flips, extra = stats
+    return q, {
+        "method": "topk",
+        "top_k": k,
+        "iterations": passes,
+        "topk_ratio": topk / topk_rtn if topk_rtn > 0 else 1.0,
+        "flips": int(flips),
+        "extra_frobenius": extra,
+    }
+
+
+def _check(cancel: CancelHook | None) -> None:
+    if cancel is not None and cancel() is True:
+        from .errors import Cancelled
+        raise Cancelled("cancelled during rounding")
+
+
+def topk_error(w2: torch.Tensor, q2: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+    """||U^T (Q - W) V|| in float64 for fp16 `q2` against float32 `w2` (both [m, n], same scale)."""
+    e = q2.double() - w2.double()
+    return float((u.T @ e @ v).norm())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibrated mode: GPTQ-style error feedback on the fp16 grid
+
+
+def _calibrated(w2: torch.Tensor, cal: "LayerCalibration", num_iter: int, cancel: CancelHook | None
+                ) -> tuple[torch.Tensor, dict]:
+    raise NotImplementedError
