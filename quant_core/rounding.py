@@ -36,19 +36,20 @@ MAX_PASSES = 6           # refinement passes; num_iter caps this, beyond it the 
 BASIS_ITERS = 8          # block Krylov steps for the top-k basis (each: two skinny products with W)
 OVERSAMPLE = 6           # extra vectors per Krylov block
 BASIS_SEED = 20240601
-BINS_PER_OCTAVE = 32     # histogram resolution of the gain/cost ratio
-LOG2_SPAN = 1100         # ratios are binned over 2^-1100 .. 2^1100: every finite float64 ratio
-NBINS = 2 * LOG2_SPAN * BINS_PER_OCTAVE
+# The gain/cost ratio is binned by its float64 bit pattern: sign-free exponent plus the top 5 mantissa bits, i.e.
+# 32 bins per octave, monotone in the ratio, covering every positive float64 (no log needed).
+MANTISSA_SHIFT = 52 - 5
+NBINS = 1 << (11 + 5)
 SPREAD = 1024            # extra bins that absorb non-candidates (spread out to avoid atomic contention on one bin)
 FIXED_ONE = 1 << 32      # fixed-point unit of gain and cost sums (integer sums are exact and order-free)
-POOL_COST = 0.25        # candidate pool: flips costing at most this fraction of the squared fp16 gap
-STEPS = (1.0, 0.6, 0.35, 0.2)  # first-order step fractions tried by each pass's line search
+POOL_COST = 0.2         # candidate pool: flips costing at most this fraction of the squared fp16 gap
+STEPS = (1.0, 0.6, 0.35, 0.2, 0.1) # first-order step fractions tried by each pass's line search
 FROB_BUDGET = 0.01       # extra squared Frobenius error allowed, relative to RTN's (relF at most ~1.005x RTN)
 
 # calibrated mode
 DAMP = 0.01              # H += DAMP * mean(diag H) * I
 BLOCK = 128              # GPTQ column block
-REFINE_SWEEPS = 4        # coordinate-descent sweeps after GPTQ (num_iter - 1 caps this)
+REFINE_SWEEPS = 2        # coordinate-descent sweeps after GPTQ (num_iter - 1 caps this)
 FP64_WORK = 1 << 36      # GPTQ in float64 when out * in^2 is at most this, else float32
 
 CancelHook = Callable[[], object]
@@ -149,7 +150,7 @@ def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: in
     y, _ = torch.linalg.qr(w64 @ x)
     blocks = [y]
     for _ in range(iters):
-        y, _ = torch.linalg.qr(w64 @ (w64.T @ y))
+        y, _ = torch.linalg.qr(w64 @ (y.T @ w64).T)  # (y^T W)^T: MKL is several times slower on W^T y
         blocks.append(y)
     basis, _ = torch.linalg.qr(torch.cat(blocks, 1))
     ub, _, vh = torch.linalg.svd(basis.T @ w64, full_matrices=False)
@@ -174,8 +175,8 @@ def _boundary(cum_gain: torch.Tensor, gain_hist: torch.Tensor, target: float) ->
 def _candidate_pool(w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The elements worth considering, compacted: (flat index, row, column, e, d) with e, d float64.
 
-    An element is in the pool if its flip costs at most POOL_COST of its squared fp16 gap (|e| >= 3/8 of the gap),
-    about a quarter of all inexact elements; the flips the passes choose are almost all far cheaper than that.
+    An element is in the pool if its flip costs at most POOL_COST of its squared fp16 gap (|e| >= 0.4 of the gap),
+    about a fifth of all inexact elements; the flips the passes choose are almost all far cheaper than that.
     One host sync (the pool's size) per tensor.
     """
     m, n = w2.shape
@@ -194,27 +195,30 @@ def _candidate_pool(w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> tuple[torch.Tensor, dict]:
     m, n = w2.shape
     dev = w2.device
+    flat, rows, cols, e, d = _candidate_pool(w2)
+    if flat.numel() == 0:  # nothing worth moving (e.g. BF16 values in fp16's normal range): RTN, no basis needed
+        return w2.to(torch.float16), {"method": "topk", "top_k": k, "iterations": 0, "topk_ratio": 1.0,
+                                      "flips": 0, "extra_frobenius": 0.0}
     u, v = principal_basis(w2, k)
 
     mat = torch.zeros(k, k, dtype=torch.float64, device=dev)  # U^T (Q - W) V, kept current through the passes
     rtn_sq = torch.zeros((), dtype=torch.float64, device=dev)
     for r0, r1 in _row_chunks(m, n, dev):
-        _, _, e, _ = neighbours(w2[r0:r1])
-        e64 = e.double()
+        _, _, e_rows, _ = neighbours(w2[r0:r1])
+        e64 = e_rows.double()
         mat += u[r0:r1].T @ (e64 @ v)
         rtn_sq += (e64 * e64).sum()
     mat_rtn = mat.clone()
 
-    flat, rows, cols, e, d = _candidate_pool(w2)
     cost = d * (2.0 * e + d)                  # extra squared error of each flip (>= 0: RTN is nearest)
     ud = u.index_select(0, rows)              # [N, k] rows of U and V each pool element touches
     vc = v.index_select(0, cols)
-    log_cost = torch.log2(cost)
     flipped = torch.zeros(flat.numel(), dtype=torch.bool, device=dev)
     spread = NBINS + (torch.arange(flat.numel(), device=dev) % SPREAD)
     budget = FROB_BUDGET * rtn_sq
     spent = torch.zeros((), dtype=torch.float64, device=dev)
 
+    done_passes = 0
     for _ in range(passes):
         _check(cancel)
         # first order: flipping element (i, j) changes M by d_ij u_i v_j^T and ||M||^2 by 2 d_ij (U M V^T)_ij;
@@ -223,7 +227,7 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         cost_unit = FIXED_ONE / (budget - spent).clamp_min(1e-300)
         gain = -((ud @ mat) * vc).sum(1) * d
         cand = (gain > 0) & (gain * gain_unit < FIXED_ONE) & (cost * cost_unit <= FIXED_ONE) & ~flipped
-        b = ((LOG2_SPAN - torch.log2(gain) + log_cost) * BINS_PER_OCTAVE).floor_().clamp_(0, NBINS - 1).long()
+        b = (NBINS - 1) - ((gain / cost).view(torch.int64) >> MANTISSA_SHIFT)  # bin 0: the best ratios
         index = torch.where(cand, b, spread)
         gain_hist = torch.zeros(NBINS + SPREAD, dtype=torch.int64, device=dev)
         cost_hist = torch.zeros(NBINS + SPREAD, dtype=torch.int64, device=dev)
@@ -247,6 +251,11 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         flipped |= level >= i + 1
         mat = mat + dmat[i]
         spent = spent + dcost[i]
+        done_passes += 1
+        # a pass that flips nothing leaves the state as it was, so every later pass would repeat it: on the CPU,
+        # where asking costs nothing, stop (same bytes); on a GPU the remaining passes run without a host sync
+        if dev.type == "cpu" and int(i) == len(STEPS):
+            break
 
     sel = torch.zeros(m * n, dtype=torch.bool, device=dev)
     sel[flat] = flipped
@@ -261,7 +270,7 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     return q, {
         "method": "topk",
         "top_k": k,
-        "iterations": passes,
+        "iterations": done_passes,
         "topk_ratio": topk / topk_rtn if topk_rtn > 0 else 1.0,
         "flips": int(flips),
         "extra_frobenius": extra,
@@ -286,4 +295,117 @@ def topk_error(w2: torch.Tensor, q2: torch.Tensor, u: torch.Tensor, v: torch.Ten
 
 def _calibrated(w2: torch.Tensor, cal: "LayerCalibration", num_iter: int, cancel: CancelHook | None
                 ) -> tuple[torch.Tensor, dict]:
-    raise NotImplementedError
+    """GPTQ on the fp16 grid for objective E||(Q - W) x||^2, then coordinate-descent refinement.
+
+    With a bias that will be corrected (b -= (Q - W) E[x]) only the centred part of x matters, so the covariance is
+    used; without one, the raw second moment E[x x^T].
+    """
+    m, n = w2.shape
+    dev = w2.device
+    dtype = torch.float64 if m * n * n <= FP64_WORK else torch.float32
+    h = cal.second_moment(centered=cal.has_bias, device=dev)
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    h += DAMP * diag.mean() * torch.eye(n, dtype=h.dtype, device=dev)
+    rtn, _, e, d = neighbours(w2)
+    rtn64, d64 = rtn.to(dtype), d.to(dtype)
+    d64[:, dead] = 0.0  # inputs that never fire: nothing to learn, keep RTN
+
+    flips = _gptq(w2.to(dtype), h.to(dtype), rtn64, d64, cancel)
+    sweeps = 0
+    for _ in range(min(num_iter - 1, REFINE_SWEEPS)):
+        _check(cancel)
+        changed = _refine_sweep(w2.to(dtype), h.to(dtype), rtn64, d64, flips)
+        sweeps += 1
+        if not changed:
+            break
+    q = torch.where(flips, (rtn64 + d64).to(torch.float16), rtn)
+    info = {"method": "gptq", "iterations": 1 + sweeps, "calibration_tokens": cal.count,
+            "centered": bool(cal.has_bias), "flips": int(torch.count_nonzero(flips))}
+    info.update(_output_error_info(w2, q, cal))
+    return q, info
+
+
+def _gptq(w: torch.Tensor, h: torch.Tensor, rtn: torch.Tensor, d: torch.Tensor, cancel: CancelHook | None
+          ) -> torch.Tensor:
+    """Error feedback (GPTQ) where each element may only take its RTN value or the other fp16 neighbour.
+
+    Columns are visited in descending order of H's diagonal (act-order); the rounding error of each column, scaled
+    by the inverse Hessian's Cholesky factor, is pushed onto the columns not yet rounded. Returns the flip mask.
+    """
+    m, n = w.shape
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    w, rtn, d = w[:, perm].clone(), rtn[:, perm], d[:, perm]
+    h = h[perm][:, perm]
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    u = torch.linalg.cholesky(hinv, upper=True)
+    flips = torch.zeros(m, n, dtype=torch.bool, device=w.device)
+    for i1 in range(0, n, BLOCK):
+        _check(cancel)
+        i2 = min(i1 + BLOCK, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        for j in range(i2 - i1):
+            col = w1[:, j]
+            r, dd = rtn[:, i1 + j], d[:, i1 + j]
+            f = (col - r - dd).abs() < (col - r).abs()  # the other neighbour is nearer the updated weight
+            flips[:, i1 + j] = f
+            err = (col - torch.where(f, r + dd, r)) / u[i1 + j, i1 + j]
+            w1[:, j:] -= err[:, None] * u[i1 + j, i1 + j:i2][None, :]
+            err1[:, j] = err
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    out = torch.empty_like(flips)
+    out[:, perm] = flips
+    return out
+
+
+def _refine_sweep(w: torch.Tensor, h: torch.Tensor, rtn: torch.Tensor, d: torch.Tensor, flips: torch.Tensor
+                  ) -> bool:
+    """One coordinate-descent sweep over the columns on tr((Q - W) H (Q - W)^T): each element takes whichever of
+    its two fp16 neighbours lowers the objective given all others (rows are independent, so a whole column moves
+    at once). Updates `flips` in place; returns whether anything changed (one host sync)."""
+    m, n = w.shape
+    q = torch.where(flips, rtn + d, rtn)
+    r = (q - w) @ h  # gradient / 2
+    diag = torch.diagonal(h)
+    any_change = torch.zeros((), dtype=torch.bool, device=w.device)
+    for i1 in range(0, n, BLOCK):
+        i2 = min(i1 + BLOCK, n)
+        delta1 = torch.zeros(m, i2 - i1, dtype=w.dtype, device=w.device)
+        for j in range(i1, i2):
+            step = torch.where(flips[:, j], -d[:, j], d[:, j])  # move to the other neighbour
+            better = (2.0 * step * r[:, j] + step * step * diag[j]) < 0
+            s = torch.where(better, step, 0.0)
+            flips[:, j] ^= better
+            delta1[:, j - i1] = s
+            r[:, j:i2] += s[:, None] * h[j, j:i2][None, :]
+            any_change |= better.any()
+        if i1 > 0:
+            r[:, :i1] += delta1 @ h[i1:i2, :i1]
+        if i2 < n:
+            r[:, i2:] += delta1 @ h[i1:i2, i2:]
+    return bool(any_change)
+
+
+def _output_error_info(w2: torch.Tensor, q: torch.Tensor, cal: "LayerCalibration") -> dict:
+    """Output-error figures of q against RTN on the held-out statistics if the file has them, else on the
+    calibration statistics (then they are in-sample)."""
+    from .calibration import bias_correction, output_errors
+
+    held_out = cal.eval_gram is not None
+    mean, gram = (cal.eval_mean, cal.eval_gram) if held_out else (cal.mean, cal.gram)
+    qf, rf = q.float(), w2.to(torch.float16).float()
+    err, ref = output_errors(w2, qf, mean, gram)
+    err_rtn, _ = output_errors(w2, rf, mean, gram)
+    info = {
+        "output_error_on": "held-out" if held_out else "calibration",
+        "output_rel_error": err / ref if ref > 0 else 0.0,
+        "rtn_output_rel_error": err_rtn / ref if ref > 0 else 0.0,
+        "output_error_ratio": err / err_rtn if err_rtn > 0 else 1.0,
+    }
+    if cal.has_bias:
+        with_bias, _ = output_errors(w2, qf, mean, gram, bias_correction(qf, w2, cal))
+        info["output_error_ratio_bias_corrected"] = with_bias / err_rtn if err_rtn > 0 else 1.0
+        info["bias_correction_gain"] = with_bias / err if err > 0 else 1.0
+    return info

@@ -1,0 +1,135 @@
+"""The converter node, and the conversion widgets it shares with the save nodes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import comfy.model_management
+
+from ..quant_core import ConversionError, ConvertOptions, convert_file
+from ..quant_core.format import default_output_path
+from . import paths
+from .progress import ConversionProgress
+
+CATEGORY = "model/scaled fp16"  # converting nodes; loaders are under loaders/scaled fp16
+LOADER_CATEGORY = "loaders/scaled fp16"
+
+
+def conversion_widgets(default_name: str = "") -> dict:
+    """Widgets of every converting node, in their saved-workflow order (never reorder: workflows store values
+    by position). Defaults are the reference script's."""
+    return {
+        "num_iter": ("INT", {"default": 256, "min": 0, "max": 100000, "tooltip":
+                     "Refinement budget of the learned rounding per weight; 0 = plain round-to-nearest (fastest)."}),
+        "top_k": ("INT", {"default": 1, "min": 1, "max": 1024, "tooltip":
+                  "Principal directions of each weight whose error the rounding minimises."}),
+        "calib_samples": ("INT", {"default": 3072, "min": 0, "max": 1 << 20, "tooltip":
+                          "Calibration rows used when a calibration file is given."}),
+        "t5xxl": ("BOOLEAN", {"default": False, "tooltip":
+                  "T5XXL text-encoder mode: drop decoder/lm_head, keep norms, biases and embeddings unquantized, "
+                  "add scale_input; marker of shape [0]."}),
+        "keep_distillation": ("BOOLEAN", {"default": False, "tooltip":
+                              "FLUX: keep distilled_guidance_layer, final_layer, img_in, txt_in in their source "
+                              "dtype (scale_weight 1)."}),
+        "output_name": ("STRING", {"default": default_name, "tooltip":
+                        "File name in the models folder of the same kind under ComfyUI's output directory; "
+                        ".safetensors is added. Empty: the reference naming "
+                        "(<name>_float16_scaled_learned[_nodistill]_svd.safetensors)."}),
+        "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+    }
+
+
+def optional_widgets() -> dict:
+    """Optional widgets come after the required ones in saved workflows; new ones are appended here, never inserted."""
+    return {"calibration": (paths.calibration_files(), {"default": paths.NO_CALIBRATION, "tooltip":
+                            "Calibration statistics from `python -m quant_core capture` (models/"
+                            f"{paths.CALIBRATION_KIND}); enables activation-aware rounding and bias correction."}),
+            "scaled_fp8_marker": ("BOOLEAN", {"default": False, "tooltip":
+                                  "Also write ComfyUI's own `scaled_fp8` marker (dtype float16). Then the stock "
+                                  "UNETLoader and the stock CLIP loaders (T5XXL) apply scale_weight themselves and "
+                                  "keep the weights in fp16; without it only the Scaled FP16 loaders read the file "
+                                  "right. Scales are applied to Linear layers only."})}
+
+
+HIDDEN = {"unique_id": "UNIQUE_ID"}
+
+
+def conversion_options(num_iter: int, top_k: int, calib_samples: int, t5xxl: bool, keep_distillation: bool,
+                       overwrite: bool, calibration: str | None = None,
+                       scaled_fp8_marker: bool = False) -> ConvertOptions:
+    """The node widgets as converter settings, computed on ComfyUI's device (the CPU under --cpu)."""
+    device = comfy.model_management.get_torch_device()
+    extra = {}
+    if scaled_fp8_marker:
+        if "scaled_fp8_marker" not in {f.name for f in dataclasses.fields(ConvertOptions)}:
+            raise ConversionError("scaled_fp8_marker needs a quant_core whose ConvertOptions has "
+                                  "scaled_fp8_marker; this one does not (update the pack)")
+        extra["scaled_fp8_marker"] = True
+    return ConvertOptions(t5xxl=t5xxl, keep_distillation=keep_distillation, num_iter=num_iter, top_k=top_k,
+                          calib_samples=calib_samples, calibration=paths.calibration_path(calibration),
+                          device=str(device) if device.type in ("cpu", "cuda") else "cpu", overwrite=overwrite,
+                          **extra)
+
+
+def run_conversion(src: str, dst: str, options: ConvertOptions, progress: ConversionProgress) -> dict:
+    """`convert_file` with the node's progress and cancel; failures are reported to the UI, then re-raised."""
+    try:
+        return convert_file(src, dst, options, on_event=progress.on_event, cancel=progress.cancel)
+    except BaseException as e:
+        progress.failed(e)
+        raise
+    finally:
+        comfy.model_management.soft_empty_cache()
+
+
+def node_result(saved_name: str, summary: dict) -> dict:
+    return {"ui": {"fp16lr_report": [summary]}, "result": (saved_name,)}
+
+
+class ScaledFP16Convert:
+    """Convert a model file from diffusion_models, checkpoints or text_encoders to scaled FP16."""
+
+    TITLE = "Convert to Scaled FP16"
+    DESCRIPTION = ("Converts a safetensors model to scaled FP16 (fp16 weights + power-of-two scale_weight) with learned "
+                   "rounding, and saves it in the models folder of the same kind under ComfyUI's output directory. "
+                   "Returns the saved name; link it to a Scaled FP16 loader to load the result in the same run.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("saved_name",)
+    OUTPUT_TOOLTIPS = ("The converted file's name as the loaders of its kind list it.",)
+    FUNCTION = "convert"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": (paths.convertible_models(), {"tooltip":
+                                       "Source file, shown with its folder kind."}),
+                             **conversion_widgets()},
+                "optional": optional_widgets(),
+                "hidden": HIDDEN}
+
+    @classmethod
+    def IS_CHANGED(cls, model, output_name="", keep_distillation=False, **_):
+        """Run again when the source file changes or the converted file was removed."""
+        kind, name = paths.split_model_choice(model)
+        target = paths.checked_output_name(output_name.strip() or default_output_path(name, keep_distillation))
+        saved = os.path.join(paths.output_folder(kind), *target.split("/"))
+        return paths.file_signature(paths.full_path(kind, name)) + f"|{os.path.exists(saved)}"
+
+    def convert(self, model, num_iter, top_k, calib_samples, t5xxl, keep_distillation, output_name, overwrite,
+                calibration=paths.NO_CALIBRATION, scaled_fp8_marker=False, unique_id=None):
+        progress = ConversionProgress(unique_id)
+        try:
+            kind, name = paths.split_model_choice(model)
+            src = paths.full_path(kind, name)
+            dst, saved_name = paths.output_path(kind, output_name.strip()
+                                                or default_output_path(name, keep_distillation), overwrite)
+            options = conversion_options(num_iter, top_k, calib_samples, t5xxl, keep_distillation, overwrite,
+                                         calibration, scaled_fp8_marker)
+        except Exception as e:
+            progress.failed(e)
+            raise
+        report = run_conversion(src, dst, options, progress)
+        paths.refresh_file_list(kind)
+        return node_result(saved_name, progress.finished(report, saved_name))

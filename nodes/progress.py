@@ -1,0 +1,111 @@
+"""Forwarding the converter's events to ComfyUI: a progress bar per tensor, custom events for the web UI, cancel.
+
+Event payloads follow docs/ARCHITECTURE.md ("ComfyUI custom events"). `convert_file` calls `on_event` and `cancel`
+from the thread that runs the node; `PromptServer.send_sync` is safe to call from there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import comfy.model_management
+import comfy.utils
+import server
+
+from ..quant_core.errors import Cancelled
+from ..quant_core.report import compact
+
+PROGRESS_EVENT = "fp16lr.progress"
+REPORT_EVENT = "fp16lr.report"
+ERROR_EVENT = "fp16lr.error"
+
+
+def _json_safe(value):
+    """Plain JSON types only (non-finite floats become None), so the websocket encoder never fails mid-run."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f if math.isfinite(f) else None
+
+
+class ConversionProgress:
+    """One conversion's link to the UI. Pass `on_event` and `cancel` to `convert_file`.
+
+    `steps_before`/`steps_total` let a node that does work before the conversion (saving a graph model first)
+    show one bar over both phases, in tensors.
+    """
+
+    def __init__(self, node_id: str | None, steps_before: int = 0, steps_total: int | None = None):
+        self.node_id = node_id
+        self.bar: comfy.utils.ProgressBar | None = None
+        self.steps_before = steps_before
+        self.steps_total = steps_total
+        self.index: int | None = None
+        self.total: int | None = None
+
+    # --- called by quant_core.convert_file ---------------------------------------------------------------
+
+    def on_event(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "start":
+            self.total = event["total"]
+            self._bar().update_absolute(self.steps_before, self._bar_total())
+        elif kind == "tensor":
+            self.index, self.total = event["index"], event["total"]
+            self._bar().update_absolute(self.steps_before + self.index, self._bar_total())
+            self._send(PROGRESS_EVENT, {"event": event})
+
+    def cancel(self) -> None:
+        """Raises ComfyUI's interrupt exception once the user pressed Cancel (the UI's interrupt)."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    # --- called by the nodes ---------------------------------------------------------------------------------
+
+    def step(self, done: int, total: int) -> None:
+        """Progress of work before the conversion (e.g. writing a graph model's weights), in tensors."""
+        self.steps_total = self.steps_total or total
+        self._bar().update_absolute(done, self._bar_total())
+        self.cancel()
+
+    def finished(self, report: dict, output_name: str) -> dict:
+        """Send the report; returns the summary for the node's `ui` output."""
+        summary = _json_safe(compact(report))
+        summary["output_name"] = output_name
+        self._send(REPORT_EVENT, {"report": summary})
+        return summary
+
+    def failed(self, error: BaseException) -> None:
+        cancelled = isinstance(error, (comfy.model_management.InterruptProcessingException, Cancelled))
+        message = "cancelled, no file written" if cancelled else str(error) or type(error).__name__
+        self._send(ERROR_EVENT, {"message": message, "cancelled": cancelled, "index": self.index,
+                                 "total": self.total}, with_prompt=False)
+
+    # --- internals -----------------------------------------------------------------------------------------
+
+    def _bar_total(self) -> int:
+        return max(1, self.steps_total if self.steps_total else self.steps_before + (self.total or 0))
+
+    def _bar(self) -> comfy.utils.ProgressBar:
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(self._bar_total(), node_id=self.node_id)
+        return self.bar
+
+    def _send(self, event_name: str, payload: dict, with_prompt: bool = True) -> None:
+        instance = getattr(server.PromptServer, "instance", None)
+        if instance is None:
+            return
+        data = {"node": self.node_id}
+        if with_prompt:
+            data["prompt_id"] = getattr(instance, "last_prompt_id", None)
+        data.update(payload)
+        data = _json_safe(data)
+        json.dumps(data)  # fail here, in the node, rather than in the server's send loop
+        instance.send_sync(event_name, data, getattr(instance, "client_id", None))

@@ -1,0 +1,135 @@
+"""Save nodes: convert a MODEL or CLIP from the graph (e.g. with a LoRA applied) to a scaled-FP16 file."""
+
+from __future__ import annotations
+
+import os
+
+from ..quant_core.errors import ConversionError
+from . import paths
+from .convert import (CATEGORY, HIDDEN, conversion_options, conversion_widgets, node_result, optional_widgets,
+                      run_conversion)
+from .graph_weights import graph_tensors, source_path_for, write_source_file
+from .progress import ConversionProgress
+
+# ComfyUI's text-encoder attribute names inside a CLIP; T5XXL rules only make sense for T5 encoders
+T5_ENCODERS = ("t5xxl", "t5base", "t5", "pile_t5xl", "mt5xl", "umt5xxl", "t5xl")
+
+
+def save_graph_model(parts: list[tuple[str, list]], kind: str, output_name: str, widgets: dict,
+                     calibration: str | None, scaled_fp8_marker: bool, unique_id: str | None) -> dict:
+    """Write each part's weights to a temporary source file and convert it; returns the node result.
+
+    `parts` lists (name suffix, tensors); with more than one part each is saved as `<output_name>_<suffix>`.
+    """
+    steps_total = 2 * sum(len(t) for _, t in parts)
+    steps_done = 0
+    saved, summaries = [], []
+    for suffix, tensors in parts:
+        progress = ConversionProgress(unique_id, steps_before=steps_done + len(tensors), steps_total=steps_total)
+        try:
+            name = output_name.strip() or "model"
+            if len(parts) > 1:
+                name = f"{name.removesuffix(paths.SAFETENSORS)}_{suffix}"
+            dst, saved_name = paths.output_path(kind, name, widgets["overwrite"])
+            t5 = widgets["t5xxl"] and (len(parts) == 1 or suffix in T5_ENCODERS)
+            options = conversion_options(widgets["num_iter"], widgets["top_k"], widgets["calib_samples"], t5,
+                                         widgets["keep_distillation"], widgets["overwrite"], calibration,
+                                         scaled_fp8_marker)
+            if not tensors:
+                raise ConversionError(f"{saved_name}: the {suffix} part of the graph model has no weights")
+            source = source_path_for(dst)
+            write_source_file(tensors, source, {"scaled_fp16.graph_source": os.path.basename(dst)},
+                              on_tensor=lambda i, n, base=steps_done: progress.step(base + i, steps_total))
+        except BaseException as e:
+            progress.failed(e)
+            raise
+        try:
+            report = run_conversion(source, dst, options, progress)
+        finally:
+            if os.path.exists(source):
+                os.unlink(source)
+        steps_done += 2 * len(tensors)
+        saved.append(saved_name)
+        summaries.append(progress.finished(report, saved_name))
+    paths.refresh_file_list(kind)
+    result = node_result(", ".join(saved), summaries[-1])
+    result["ui"]["fp16lr_report"] = summaries
+    return result
+
+
+def saved_signature(kind: str, output_name: str) -> str:
+    """IS_CHANGED of the save nodes: the graph input cannot be hashed here, but a deleted or replaced output file
+    must make the node run again when the graph is queued unchanged."""
+    try:
+        stem = paths.checked_output_name(output_name).removesuffix(paths.SAFETENSORS)
+    except paths.OutputNameError:
+        return "invalid"  # the node itself reports why
+    folder = os.path.dirname(os.path.join(paths.output_folder(kind), *stem.split("/")))
+    base = os.path.basename(stem)
+    names = sorted(f for f in os.listdir(folder) if f == base + paths.SAFETENSORS
+                   or (f.startswith(base + "_") and f.endswith(paths.SAFETENSORS))) if os.path.isdir(folder) else []
+    return paths.file_signature(*(os.path.join(folder, n) for n in names)) or "none"
+
+
+class ScaledFP16SaveModel:
+    """Convert the diffusion model in the graph (patches such as LoRAs applied) to a scaled-FP16 file."""
+
+    TITLE = "Save Model as Scaled FP16"
+    DESCRIPTION = ("Converts the MODEL as the graph has it (LoRAs and merges applied) to scaled FP16 and saves it to "
+                   "diffusion_models under ComfyUI's output directory, one tensor at a time.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("saved_name",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    KIND = "diffusion_models"
+    DEFAULT_NAME = "model_float16_scaled_learned_svd"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), **conversion_widgets(cls.DEFAULT_NAME)},
+                "optional": optional_widgets(), "hidden": HIDDEN}
+
+    @classmethod
+    def IS_CHANGED(cls, output_name="", **_):
+        return saved_signature(cls.KIND, output_name or cls.DEFAULT_NAME)
+
+    def save(self, model, output_name, calibration=paths.NO_CALIBRATION, scaled_fp8_marker=False, unique_id=None,
+             **widgets):
+        parts = [("model", graph_tensors(model, "diffusion_model."))]
+        return save_graph_model(parts, self.KIND, output_name or self.DEFAULT_NAME, widgets,
+                                calibration, scaled_fp8_marker, unique_id)
+
+
+class ScaledFP16SaveCLIP:
+    """Convert the text encoder(s) in the graph to scaled-FP16 files, one per encoder (like the stock CLIPSave)."""
+
+    TITLE = "Save CLIP as Scaled FP16"
+    DESCRIPTION = ("Converts each text encoder inside the CLIP (LoRAs applied) to scaled FP16 and saves it to "
+                   "text_encoders under ComfyUI's output directory. A CLIP with several encoders (FLUX: clip_l + "
+                   "t5xxl) gives one file per encoder, named <output_name>_<encoder>; t5xxl mode then applies to the "
+                   "T5 encoders only.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("saved_name",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    KIND = "text_encoders"
+    DEFAULT_NAME = "text_encoder_float16_scaled_learned_svd"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), **conversion_widgets(cls.DEFAULT_NAME)},
+                "optional": optional_widgets(), "hidden": HIDDEN}
+
+    @classmethod
+    def IS_CHANGED(cls, output_name="", **_):
+        return saved_signature(cls.KIND, output_name or cls.DEFAULT_NAME)
+
+    def save(self, clip, output_name, calibration=paths.NO_CALIBRATION, scaled_fp8_marker=False, unique_id=None,
+             **widgets):
+        patcher = clip.patcher
+        encoders = sorted({k.split(".", 1)[0] for k in patcher.model_state_dict() if "." in k})
+        parts = [(enc, graph_tensors(patcher, enc + ".", strip=("transformer.",))) for enc in encoders]
+        return save_graph_model(parts, self.KIND, output_name or self.DEFAULT_NAME, widgets,
+                                calibration, scaled_fp8_marker, unique_id)

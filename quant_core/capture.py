@@ -1,0 +1,146 @@
+"""``python -m quant_core capture``: record per-layer input statistics of a transformers model from text files.
+
+    python -m quant_core capture --model DIR --text calib.txt [--eval-text heldout.txt] --output calib.safetensors
+
+Every ``torch.nn.Linear`` of the model gets a forward pre-hook that adds its input rows (padding excluded) to the
+float64 sums of `calibration.CalibrationWriter`; layers that read the very same tensor (q/k/v projections) share
+one group. Each non-empty line of a text file is one sequence (truncated to --max-length tokens). The model loads
+offline from a local folder; transformers is imported only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .calibration import CalibrationWriter
+
+
+def read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+class _Recorder:
+    """Forward pre-hooks on every Linear: group by input tensor, add the unmasked rows to the writer."""
+
+    def __init__(self, model: torch.nn.Module, writer: CalibrationWriter):
+        self.writer = writer
+        self.mask: torch.Tensor | None = None
+        self.held_out = False
+        self.max_tokens: int | None = None
+        # input tensor identity -> (group, tensor) within one forward; holding the tensor keeps its memory from
+        # being reused by another tensor (which would then look identical)
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._group_of: dict[str, str] = {}  # module name -> group (fixed by the first forward)
+        self._skip: set[str] = set()
+        self._handles = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                writer.add_layer(f"{name}.weight", name, mod.bias is not None)
+                self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(mod, args):
+            x = args[0]
+            ident = (x.data_ptr(), tuple(x.shape), x.stride())
+            group = self._group_of.get(name)
+            if group is None:
+                group = self._seen.get(ident, (name, None))[0]
+                self._group_of[name] = group
+                self.writer.layers[f"{name}.weight"]["group"] = group
+            if group != name or ident in self._seen:  # the group's owner already recorded this tensor
+                return
+            self._seen[ident] = (group, x)
+            rows = x.detach()
+            if self.mask is not None and rows.dim() == 3 and rows.shape[:2] == self.mask.shape:
+                rows = rows[self.mask.bool()]
+            self.writer.add(group, rows.reshape(-1, rows.shape[-1]), held_out=self.held_out)
+        return hook
+
+    def new_batch(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self._seen.clear()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def capture(model_dir: str, texts: list[str], output: str, eval_texts: list[str] | None = None,
+            max_length: int = 128, batch_size: int = 16, max_tokens: int | None = None,
+            device: str = "cpu", progress=None) -> dict:
+    """Record calibration statistics of the transformers model in `model_dir` on `texts` (held-out statistics on
+    `eval_texts` if given) and write them to `output`. `max_tokens` caps the calibration tokens (whole sequences).
+    Returns the file's metadata summary."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval().to(device)
+    writer = CalibrationWriter()
+    rec = _Recorder(model, writer)
+    counts = {}
+    try:
+        for held_out, lines in ((False, texts), (True, eval_texts or [])):
+            rec.held_out = held_out
+            tokens = 0
+            for i in range(0, len(lines), batch_size):
+                if not held_out and max_tokens is not None and tokens >= max_tokens:
+                    break
+                batch = tok(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt").to(device)
+                rec.new_batch(batch["attention_mask"])
+                with torch.no_grad():
+                    model(**batch)
+                tokens += int(batch["attention_mask"].sum())
+                if progress is not None:
+                    progress(held_out, tokens)
+            counts["eval_tokens" if held_out else "tokens"] = tokens
+    finally:
+        rec.close()
+    source = {"model": os.path.basename(os.path.normpath(model_dir)), "max_length": max_length,
+              "sequences": len(texts), "eval_sequences": len(eval_texts or []), **counts}
+    writer.save(output, source)
+    return source
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quant_core capture",
+                                description="Record per-layer input statistics (mean and Gram matrix of every "
+                                            "Linear layer's input) of a transformers model for calibrated rounding "
+                                            "and bias correction.")
+    p.add_argument("--model", required=True, help="local folder of a transformers model (loaded offline)")
+    p.add_argument("--text", required=True, help="calibration text, one sequence per non-empty line")
+    p.add_argument("--eval-text", help="held-out text (disjoint from --text) for held-out error figures")
+    p.add_argument("--output", required=True, help="calibration file to write (.safetensors)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, help="stop after about this many calibration tokens")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    for path in (args.model, args.text, args.eval_text):
+        if path and not os.path.exists(path):
+            print(f"error: {path}: not found", file=sys.stderr)
+            return 2
+    texts = read_lines(args.text)
+    if not texts:
+        print(f"error: {args.text}: no text", file=sys.stderr)
+        return 2
+    eval_texts = read_lines(args.eval_text) if args.eval_text else None
+    src = capture(args.model, texts, args.output, eval_texts, args.max_length, args.batch_size, args.max_tokens,
+                  args.device)
+    print(f"wrote {args.output}: {src.get('tokens', 0)} calibration tokens"
+          + (f", {src.get('eval_tokens', 0)} held-out tokens" if eval_texts else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

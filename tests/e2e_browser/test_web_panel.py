@@ -1,0 +1,238 @@
+"""The web panel (issue 4) in ComfyUI's real frontend, driven by headless Chromium.
+
+Runs when all of these are present, and skips otherwise:
+- a server: COMFYUI_DIR (a ComfyUI checkout with .venv; a CPU server is started on a free port with a temporary
+  --base-directory) or COMFYUI_URL with COMFYUI_BASE_DIR (a running server with this pack; the test writes its
+  models under that base directory);
+- `node` on PATH, Chromium at /usr/bin/chromium (Debian's package; FP16LR_CHROMIUM overrides), and playwright-core
+  installed next to this file: `PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/e2e_browser`.
+
+drive.mjs does the browser work (two converting nodes in one run, a reload, a cancel, the Vue node renderer) and
+writes result.json and screenshots to FP16LR_WEB_ARTIFACTS (default: a pytest temporary folder); this file checks
+what the panels showed against the nodes' JSON reports in the server's history.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+
+from quant_core.demo import flux_specs, write_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CHROMIUM = os.environ.get("FP16LR_CHROMIUM", "/usr/bin/chromium")
+BIG = "fp16lr-web-bf16.safetensors"  # BF16, 100 tensors, 19 MB: several seconds at num_iter 0 on two CPU cores
+SMALL = "fp16lr-web-fp32.safetensors"  # FP32, 52 tensors, 4 MB: real rounding error, learned rounding on
+
+
+def _missing() -> str | None:
+    if not (os.environ.get("COMFYUI_DIR") or (os.environ.get("COMFYUI_URL") and os.environ.get("COMFYUI_BASE_DIR"))):
+        return "set COMFYUI_DIR, or COMFYUI_URL with COMFYUI_BASE_DIR"
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    if not os.path.isdir(os.path.join(HERE, "node_modules", "playwright-core")):
+        return "playwright-core missing: PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/e2e_browser"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=f"browser end-to-end: {_missing()}")
+
+
+def _comfy_server_module():
+    """The end-to-end suite's server helper (tests/e2e is not importable as a package from here)."""
+    spec = importlib.util.spec_from_file_location("fp16lr_e2e_comfy_server", os.path.join(ROOT, "tests", "e2e", "comfy_server.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ComfyServer = _comfy_server_module().ComfyServer
+    if os.environ.get("COMFYUI_URL"):
+        yield ComfyServer(os.environ["COMFYUI_URL"], os.environ["COMFYUI_BASE_DIR"])
+        return
+    base = str(tmp_path_factory.mktemp("comfy-web-base"))
+    srv = ComfyServer.start(os.environ["COMFYUI_DIR"], base)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        if os.environ.get("FP16LR_KEEP_E2E") != "1":
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def models(server):
+    folder = server.path("models", "diffusion_models")
+    os.makedirs(folder, exist_ok=True)
+    big, small = os.path.join(folder, BIG), os.path.join(folder, SMALL)
+    if not os.path.exists(big):
+        write_model(big, flux_specs(hidden=256, double_blocks=2, single_blocks=4, head_dim=64, context_dim=512,
+                                    vec_dim=128), torch.bfloat16, seed=3)
+    if not os.path.exists(small):
+        write_model(small, flux_specs(hidden=128, double_blocks=1, single_blocks=1, head_dim=32, context_dim=256,
+                                      vec_dim=96), torch.float32, seed=5)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        choices = server.get("/object_info/ScaledFP16Convert")["ScaledFP16Convert"]["input"]["required"]["model"][0]
+        if f"diffusion_models/{BIG}" in choices and f"diffusion_models/{SMALL}" in choices:
+            return f"diffusion_models/{BIG}", f"diffusion_models/{SMALL}"
+        time.sleep(1)
+    pytest.fail(f"the server does not list the test models; choices: {choices}")
+
+
+@pytest.fixture(scope="module")
+def drive(server, models, tmp_path_factory):
+    """Run drive.mjs once for all tests of this module; returns (result, artifacts folder)."""
+    out = os.environ.get("FP16LR_WEB_ARTIFACTS") or str(tmp_path_factory.mktemp("web-artifacts"))
+    tag = str(int(time.time()))
+    cmd = ["node", os.path.join(HERE, "drive.mjs"), "--url", server.url, "--out", out, "--big", models[0],
+           "--small", models[1], "--small-iter", os.environ.get("FP16LR_WEB_NUM_ITER", "8"), "--tag", tag]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=1500)
+    path = os.path.join(out, "result.json")
+    assert p.returncode == 0 and os.path.exists(path), f"drive.mjs failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    with open(path) as f:
+        result = json.load(f)
+    result["tag"] = tag
+    return result, out
+
+
+def _step(drive, name):
+    step = drive[0]["steps"][name]
+    assert step["ok"], f"step {name} failed in the browser:\n{step.get('error')}"
+    return step
+
+
+def _ui_reports(server, prompt_id, node):
+    """The node's JSON report as the server stored it with the run (its `ui` output)."""
+    entry = server.get(f"/history/{prompt_id}")[prompt_id]
+    return entry["outputs"][node]["fp16lr_report"]
+
+
+_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def _close(shown: float, actual: float, rel: float = 5e-3, abs_: float = 0.0) -> bool:
+    return abs(shown - actual) <= max(rel * abs(actual), abs_)
+
+
+def check_report_text(text: str, report: dict) -> None:
+    """Every figure on the panel equals the JSON report's to the digits shown."""
+    lines = text.split("\n")
+    m = re.fullmatch(r"Done in (?:(\d+) s|(\d+) min (\d+) s|<1 s)", lines[0])
+    assert m, lines[0]
+    if m.group(1):
+        assert int(m.group(1)) == round(report["seconds"])
+    assert lines[1] == f"→ {report['output_name']}"
+    m = re.search(r"^tensors: (\d+) quantized · (\d+) kept · (\d+) removed$", text, re.M)
+    assert m and [int(g) for g in m.groups()] == [report["counts"][k] for k in ("quantized", "kept", "removed")], text
+    m = re.search(r"^size: ([\d.]+) (\w+) → ([\d.]+) (\w+)$", text, re.M)
+    assert m, text
+    assert _close(float(m.group(1)) * _UNITS[m.group(2)], report["bytes_in"])
+    assert _close(float(m.group(3)) * _UNITS[m.group(4)], report["bytes_out"])
+    m = re.search(r"^relF ([\d.e+-]+) vs RTN ([\d.e+-]+) \(([\d.]+)×\)$", text, re.M)
+    assert m, text
+    assert _close(float(m.group(1)), report["rel_error"])
+    assert _close(float(m.group(2)), report["rtn_rel_error"])
+    assert _close(float(m.group(3)), report["error_ratio"], rel=0, abs_=5e-4)
+    m = re.search(r"^bit-exact \(BF16 source\): ([\d.]+) %$", text, re.M)
+    if report["bit_exact_fraction_bf16"] is None:
+        assert m is None, text
+    else:
+        assert m and _close(float(m.group(1)), report["bit_exact_fraction_bf16"] * 100, rel=0, abs_=5e-3), text
+    worst = re.findall(r"^  (\S+) ([\d.e+-]+) \(([\d.]+)×\)$", text, re.M)
+    assert len(worst) == min(3, len(report["worst"])), text
+    for (key, rel, ratio), w in zip(worst, report["worst"]):
+        assert key == w["key"] or ("…" in key and w["key"].endswith(key.split("…")[-1])), (key, w["key"])
+        assert _close(float(rel), w["rel_error"])
+        assert _close(float(ratio), w["error_ratio"], rel=0, abs_=5e-4)
+
+
+def _converting(timeline):
+    """(index, total, percent) of each distinct live text, in order."""
+    out = []
+    for e in timeline:
+        m = re.match(r"Converting (\d+)/(\d+) · ([\d.]+) %", e["text"])
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), float(m.group(3))))
+    return out
+
+
+def test_extension_registered_once_and_console_clean(drive):
+    result, _ = drive
+    assert _step(drive, "run")["registered"] == ["comfyui-scaled-fp16.progress"]
+    baseline = {c["text"] for c in result["baselineConsole"]}
+    ours = [c for c in result["console"] if c["type"] in ("error", "pageerror") and c["text"] not in baseline]
+    assert not ours, f"console errors beyond the frontend's own: {json.dumps(ours, indent=1)[:4000]}"
+    mentioning = [c for c in result["console"] if re.search(r"fp16lr|scaled.fp16", c["text"] + c["url"], re.I)]
+    assert not mentioning, mentioning
+    assert not [h for h in result["httpErrors"] if "/extensions/" in h["url"]], result["httpErrors"]
+
+
+def test_live_panel_changes_between_tensors(drive):
+    run = _step(drive, "run")
+    for node in run["nodes"].values():
+        steps = _converting(run["timeline"][node])
+        assert len(steps) >= 3, run["timeline"][node]
+        indices = [i for i, _, _ in steps]
+        assert indices == sorted(indices) and len(set(indices)) == len(indices), indices
+        percents = [p for _, _, p in steps]
+        assert percents == sorted(percents), percents
+        assert len({t for _, t, _ in steps}) == 1
+        live = [e["text"].split("\n") for e in run["timeline"][node] if e["text"].startswith("Converting")]
+        assert all(len(lines) == 4 and "/s · ETA " in lines[2] and lines[3].startswith("last: ") for lines in live), live
+        assert len({lines[1] for lines in live}) >= 3, "the tensor key changes"
+    assert run["midShot"] and run["midShot"]["text"].startswith("Converting")
+
+
+def test_final_report_matches_node_json(server, drive):
+    run = _step(drive, "run")
+    for node in run["nodes"].values():
+        assert run["final"][node]["phase"] == "done"
+        (report,) = _ui_reports(server, run["promptId"], node)
+        check_report_text(run["final"][node]["text"], report)
+        assert run["final"][node]["chartColumns"] and run["final"][node]["chartColumns"][0] > 0
+        assert len(report["ratios"]) == report["counts"]["quantized"]
+    big = run["final"][run["nodes"]["big"]]["text"]
+    assert "bit-exact (BF16 source)" in big
+    assert "bit-exact" not in run["final"][run["nodes"]["small"]]["text"]
+
+
+def test_report_survives_reload(drive):
+    run, reload = _step(drive, "run"), _step(drive, "reload")
+    for node in run["nodes"].values():
+        assert reload["after"][node]["text"] == run["final"][node]["text"]
+        assert reload["after"][node]["chartColumns"] == run["final"][node]["chartColumns"]
+
+
+def test_cancel_says_where_and_writes_nothing(server, drive):
+    cancel = _step(drive, "cancel")
+    assert cancel["final"]["phase"] == "error"
+    m = re.match(r"Cancelled at tensor (\d+)/(\d+), no file written\.", cancel["final"]["text"])
+    assert m, cancel["final"]["text"]
+    done = _converting(cancel["timeline"][cancel["node"]])
+    assert done and int(m.group(2)) == done[-1][1] and int(m.group(1)) >= done[-1][0]
+    out_dir = server.path("output", "diffusion_models")
+    leftovers = [f for f in os.listdir(out_dir) if f.startswith(cancel["outputName"])] if os.path.isdir(out_dir) else []
+    assert not leftovers, leftovers
+
+
+def test_vue_node_renderer_shows_the_panel(server, drive):
+    vue = _step(drive, "vue")
+    assert vue["vueMode"] is True
+    assert vue["final"]["inVueNode"] and vue["final"]["shown"]
+    assert len(_converting(vue["timeline"][vue["node"]])) >= 3
+    (report,) = _ui_reports(server, vue["promptId"], vue["node"])
+    check_report_text(vue["final"]["text"], report)

@@ -1,0 +1,293 @@
+// Unit tests of the panel's pure display logic. Run: node --test web/tests/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+
+import {
+  chartModel,
+  errorLine,
+  etaSeconds,
+  formatBytes,
+  formatDuration,
+  formatPercent,
+  formatRate,
+  formatRatio,
+  formatSci,
+  nextPanelState,
+  panelLines,
+  panelSections,
+  progressFraction,
+  progressLines,
+  progressView,
+  reportHeadline,
+  reportLines,
+  reportView,
+  shortenKey,
+  toNumber,
+} from "../js/fp16lr_format.js";
+
+// A tensor event and a compact report as quant_core emits them (docs/ARCHITECTURE.md, events).
+const tensorEvent = {
+  type: "tensor",
+  key: "model.diffusion_model.double_blocks.12.img_attn.qkv.weight",
+  index: 117,
+  total: 780,
+  shape: [9216, 3072],
+  dtype: "bfloat16",
+  action: "quantized",
+  scale: 0.5,
+  bytes_done: 3_500_000_000,
+  bytes_total: 23_800_000_000,
+  elapsed_s: 41.2,
+  eta_s: 239.0,
+  rate_bytes_s: 85_300_000,
+  metrics: { rel_error: 0.000211, rtn_rel_error: 0.000256, error_ratio: 0.8242, bit_exact_fraction: 0.97 },
+};
+
+const report = {
+  format: "scaled_fp16",
+  source: "flux1-dev.safetensors",
+  output: "flux1-dev_float16_scaled_learned_svd.safetensors",
+  output_name: "flux1-dev_float16_scaled_learned_svd.safetensors",
+  counts: { quantized: 304, kept: 472, removed: 4 },
+  bytes_in: 23_802_000_000,
+  bytes_out: 23_790_000_000,
+  rel_error: 0.0002102,
+  rtn_rel_error: 0.0002554,
+  error_ratio: 0.823,
+  changed_vs_rtn: 0.012,
+  bit_exact_fraction_bf16: 0.97125,
+  worst: [
+    { key: "model.diffusion_model.single_blocks.37.linear2.weight", rel_error: 3.1e-4, rtn_rel_error: 3.3e-4, error_ratio: 0.94 },
+    { key: "img_in.weight", rel_error: 2.9e-4, rtn_rel_error: 2.9e-4, error_ratio: 1.0 },
+    { key: "txt_in.weight", rel_error: 2.8e-4, rtn_rel_error: 3.0e-4, error_ratio: 0.93 },
+    { key: "final_layer.linear.weight", rel_error: 2.7e-4, rtn_rel_error: 2.8e-4, error_ratio: 0.96 },
+  ],
+  seconds: 312.4,
+  ratios: [0.8, 0.82, 0.9, 1.0, 0.85],
+};
+
+test("formatBytes uses decimal units with three significant digits", () => {
+  assert.equal(formatBytes(0), "0 B");
+  assert.equal(formatBytes(999), "999 B");
+  assert.equal(formatBytes(1000), "1.00 kB");
+  assert.equal(formatBytes(1_234_567), "1.23 MB");
+  assert.equal(formatBytes(23_802_000_000), "23.8 GB");
+  assert.equal(formatBytes(512_000_000), "512 MB");
+  assert.equal(formatBytes(999_600), "1.00 MB"); // rounds up into the next unit, never "1000 kB"
+  assert.equal(formatBytes(null), "–");
+  assert.equal(formatBytes(-1), "–");
+});
+
+test("formatRate, formatPercent, formatRatio, formatSci", () => {
+  assert.equal(formatRate(85_300_000), "85.3 MB/s");
+  assert.equal(formatRate(0), "–");
+  assert.equal(formatRate(null), "–");
+  assert.equal(formatPercent(0.15), "15.0 %");
+  assert.equal(formatPercent(0.97125, 2), "97.13 %");
+  assert.equal(formatRatio(0.8242), "0.824×");
+  assert.equal(formatRatio(Infinity), "∞×");
+  assert.equal(formatRatio("Infinity"), "∞×");
+  assert.equal(formatRatio(null), "–");
+  assert.equal(formatSci(0.000211), "2.11e-04");
+  assert.equal(formatSci(0), "0");
+  assert.equal(formatSci(12345, 1), "1.2e+04");
+  assert.equal(formatSci(undefined), "–");
+});
+
+test("toNumber reads what JSON may carry", () => {
+  assert.equal(toNumber(3), 3);
+  assert.equal(toNumber("Infinity"), Infinity);
+  assert.ok(Number.isNaN(toNumber("NaN")));
+  assert.equal(toNumber("abc"), null);
+  assert.equal(toNumber(null), null);
+});
+
+test("formatDuration", () => {
+  assert.equal(formatDuration(0.3), "<1 s");
+  assert.equal(formatDuration(45.4), "45 s");
+  assert.equal(formatDuration(59.6), "1 min 00 s");
+  assert.equal(formatDuration(125), "2 min 05 s");
+  assert.equal(formatDuration(3725), "1 h 02 min");
+  assert.equal(formatDuration(null), "–");
+  assert.equal(formatDuration(NaN), "–");
+});
+
+test("ETA: the converter's eta_s wins; otherwise linear in bytes; unknown before the first byte", () => {
+  assert.equal(etaSeconds(tensorEvent), 239.0);
+  const e = { ...tensorEvent, eta_s: null, bytes_done: 250, bytes_total: 1000, elapsed_s: 10 };
+  assert.equal(etaSeconds(e), 30);
+  assert.equal(etaSeconds({ ...e, bytes_done: 0 }), null);
+  assert.equal(etaSeconds({ ...e, bytes_done: 1000 }), 0);
+  assert.equal(etaSeconds(null), null);
+});
+
+test("progressFraction is by bytes, clamped, and falls back to the tensor count", () => {
+  assert.equal(progressFraction({ bytes_done: 50, bytes_total: 200 }), 0.25);
+  assert.equal(progressFraction({ bytes_done: 300, bytes_total: 200 }), 1);
+  assert.equal(progressFraction({ bytes_done: 0, bytes_total: 0, index: 3, total: 4 }), 0.75);
+  assert.equal(progressFraction({}), 0);
+});
+
+test("shortenKey keeps the parameter name and the indexed parts", () => {
+  assert.equal(shortenKey("img_in.weight"), "img_in.weight");
+  assert.equal(shortenKey(tensorEvent.key, 40), "…double_blocks.12.img_attn.qkv.weight");
+  assert.equal(shortenKey("encoder.block.23.layer.1.DenseReluDense.wi_1.weight", 40), "encoder.block.23.layer.1.…wi_1.weight");
+  assert.equal(shortenKey("encoder.block.23.layer.1.DenseReluDense.wi_1.weight", 30), "…block.23.layer.1.…wi_1.weight");
+  assert.equal(shortenKey("a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q.r.s.t.u.v.w", 12), "…r.s.t.u.v.w");
+  // the last part alone is too long: cut in the middle
+  const long = "x".repeat(30) + "." + "y".repeat(60);
+  const s = shortenKey(long, 20);
+  assert.equal(s.length, 20);
+  assert.ok(s.includes("…") && s.startsWith("x") && s.endsWith("y"));
+  for (const n of [8, 12, 20, 30, 44]) {
+    assert.ok(shortenKey(tensorEvent.key, n).length <= n, `length limit ${n}`);
+    assert.ok(shortenKey("encoder.block.23.layer.1.DenseReluDense.wi_1.weight", n).length <= n);
+  }
+  assert.equal(shortenKey(undefined), "");
+});
+
+test("progressView: counter, percent by bytes, rate, ETA and the last tensor against RTN", () => {
+  const v = progressView(tensorEvent, { keyLength: 40 });
+  assert.equal(v.counter, "117/780");
+  assert.equal(v.percent, "14.7 %");
+  assert.equal(v.rate, "85.3 MB/s");
+  assert.equal(v.eta, "3 min 59 s");
+  assert.equal(v.bytes, "3.50 GB / 23.8 GB");
+  assert.equal(v.key, "…double_blocks.12.img_attn.qkv.weight");
+  assert.equal(v.keyFull, tensorEvent.key);
+  assert.equal(v.last, "quantized · relF 2.11e-04 · 0.824× RTN");
+  assert.equal(progressView({ ...tensorEvent, action: "kept", metrics: {} }).last, "kept (bfloat16)");
+  assert.equal(progressView({ ...tensorEvent, action: "removed", metrics: {} }).last, "removed");
+  const lines = progressLines(tensorEvent);
+  assert.equal(lines.length, 4);
+  assert.equal(lines[0], "Converting 117/780 · 14.7 %");
+  // the text changes from one tensor to the next
+  assert.notDeepEqual(progressLines({ ...tensorEvent, index: 118, key: "x.weight", bytes_done: 3_600_000_000 }), lines);
+});
+
+test("reportView: counts, size, error vs RTN, bit-exact share, worst tensors", () => {
+  const v = reportView(report);
+  assert.deepEqual(v.lines, [
+    "Done in 5 min 12 s",
+    "→ flux1-dev_float16_scaled_learned_svd.safetensors",
+    "tensors: 304 quantized · 472 kept · 4 removed",
+    "size: 23.8 GB → 23.8 GB",
+    "relF 2.10e-04 vs RTN 2.55e-04 (0.823×)",
+    "bit-exact (BF16 source): 97.13 %",
+  ]);
+  assert.equal(v.worst.length, 3);
+  assert.equal(v.worst[0].text, "3.10e-04 (0.940×)");
+  assert.equal(v.worst[0].keyFull, report.worst[0].key);
+  // FP32 sources have no bit-exact share
+  const fp32 = reportView({ ...report, bit_exact_fraction_bf16: null });
+  assert.ok(!fp32.lines.some((l) => l.startsWith("bit-exact")));
+  const lines = reportLines(report);
+  assert.equal(lines[6], "worst (relF, × RTN):");
+  assert.equal(lines.length, 10);
+  // a long output name is cut in the middle, keeping its extension
+  const long = reportView({ ...report, output_name: "x".repeat(80) + ".safetensors" }, { nameLength: 30 }).lines[1];
+  assert.equal(long.length, 32);
+  assert.ok(long.endsWith(".safetensors"));
+});
+
+test("errorLine says where the run stopped and that nothing was written", () => {
+  assert.equal(errorLine({ cancelled: true, index: 117, total: 780, message: "Interrupted" }), "Cancelled at tensor 117/780, no file written.");
+  assert.equal(errorLine({ cancelled: true, index: null, total: null }, tensorEvent), "Cancelled at tensor 117/780, no file written.");
+  assert.equal(errorLine({ cancelled: true, index: null, total: 780 }), "Cancelled before the first tensor, no file written.");
+  assert.equal(
+    errorLine({ cancelled: false, index: 3, total: 10, message: "out of memory\ntraceback..." }),
+    "Failed at tensor 3/10: out of memory; no file written.",
+  );
+  assert.equal(errorLine({ cancelled: false, message: "bad header" }), "Failed: bad header; no file written.");
+});
+
+test("panel state: start, prepare, progress, report, error, and a new run replacing an old report", () => {
+  let s = nextPanelState(null, { kind: "start", payload: { prompt_id: "p1" } });
+  assert.deepEqual(panelLines(s), ["Starting…"]);
+  // ComfyUI's bar at 0 (the converter's start) says nothing new
+  assert.deepEqual(panelLines(nextPanelState(s, { kind: "prepare", payload: { value: 0, max: 40 } })), ["Starting…"]);
+  s = nextPanelState(s, { kind: "prepare", payload: { value: 10, max: 40 } });
+  assert.deepEqual(panelLines(s), ["Preparing weights 10/40 · 25.0 %"]);
+  s = nextPanelState(s, { kind: "progress", payload: { node: "5", prompt_id: "p1", event: tensorEvent } });
+  assert.equal(s.phase, "running");
+  assert.equal(panelLines(s)[0], "Converting 117/780 · 14.7 %");
+  // ComfyUI's own progress does not overwrite the tensor view
+  assert.equal(nextPanelState(s, { kind: "prepare", payload: { value: 1, max: 2 } }), s);
+  s = nextPanelState(s, { kind: "report", payload: { node: "5", prompt_id: "p1", report } });
+  assert.equal(s.phase, "done");
+  assert.equal(panelLines(s)[2], "tensors: 304 quantized · 472 kept · 4 removed");
+  assert.equal(panelSections(s)[0].report, report);
+  assert.equal(panelLines(s)[panelSections(s)[0].chartAt], "worst (relF, × RTN):");
+  s = nextPanelState(s, { kind: "progress", payload: { node: "5", prompt_id: "p2", event: { ...tensorEvent, index: 1 } } });
+  assert.equal(s.phase, "running");
+  assert.deepEqual(s.reports, []);
+  s = nextPanelState(s, { kind: "error", payload: { node: "5", cancelled: true, index: null, total: null } });
+  assert.equal(s.phase, "error");
+  assert.equal(panelLines(s)[0], "Cancelled at tensor 1/780, no file written.");
+  assert.deepEqual(panelLines(nextPanelState(s, { kind: "reset" })), []);
+  assert.equal(nextPanelState(s, { kind: "unknown" }), s);
+});
+
+test("panel state: a CLIP with two encoders keeps the first part's report while the second converts", () => {
+  const first = { ...report, output_name: "te_clip_l.safetensors" };
+  const second = { ...report, output_name: "te_t5xxl.safetensors", error_ratio: 0.9 };
+  let s = nextPanelState(null, { kind: "start", payload: { prompt_id: "p1" } });
+  s = nextPanelState(s, { kind: "progress", payload: { prompt_id: "p1", event: tensorEvent } });
+  s = nextPanelState(s, { kind: "report", payload: { prompt_id: "p1", report: first } });
+  s = nextPanelState(s, { kind: "progress", payload: { prompt_id: "p1", event: tensorEvent } });
+  assert.equal(s.phase, "running");
+  assert.equal(panelLines(s).at(-1), "saved te_clip_l.safetensors: relF 2.10e-04 (0.823× RTN)");
+  s = nextPanelState(s, { kind: "report", payload: { prompt_id: "p1", report: second } });
+  assert.deepEqual(s.reports.map((r) => r.output_name), ["te_clip_l.safetensors", "te_t5xxl.safetensors"]);
+  assert.equal(panelSections(s).length, 2);
+  assert.equal(reportHeadline(second), "te_t5xxl.safetensors: relF 2.10e-04 (0.900× RTN)");
+  // the ui output (also what a reload restores) is authoritative; an empty one changes nothing
+  const restored = nextPanelState(null, { kind: "outputs", payload: { reports: [second] } });
+  assert.equal(restored.phase, "done");
+  assert.equal(restored.reports[0], second);
+  assert.equal(nextPanelState(s, { kind: "outputs", payload: { reports: [] } }), s);
+});
+
+test("chart: y range includes RTN (1.0), columns in file order, outliers clamped", () => {
+  const m = chartModel([0.8, 0.9, 1.0, 1.1], { width: 134, height: 84, padLeft: 30, padRight: 4, padTop: 2, padBottom: 2 });
+  assert.equal(m.n, 4);
+  assert.equal(m.better, 2);
+  assert.ok(m.yLow <= 0.8 && m.yHigh >= 1.1);
+  assert.ok(m.refY > 2 && m.refY < 82);
+  assert.equal(m.columns.length, 4);
+  const xs = m.columns.map((c) => c.x);
+  assert.deepEqual(xs, [...xs].sort((a, b) => a - b));
+  assert.ok(m.columns[0].yTop > m.columns[3].yTop, "a smaller ratio is drawn lower");
+  // everything between the paddings
+  for (const c of m.columns) {
+    assert.ok(c.x >= 30 && c.x <= 130);
+    assert.ok(c.yTop >= 2 && c.yBottom <= 82 && c.yTop <= c.yBottom);
+  }
+  assert.deepEqual(m.ticks.map((t) => t.value), [m.yLow, 1, m.yHigh]);
+  // one huge outlier does not flatten the rest: it is clamped to the top and flagged
+  const ratios = Array.from({ length: 200 }, (_, i) => 0.8 + (i % 10) / 100);
+  ratios[50] = 40;
+  ratios[60] = "Infinity";
+  const o = chartModel(ratios, { width: 300, height: 80 });
+  assert.ok(o.yHigh < 2, `yHigh ${o.yHigh}`);
+  assert.ok(o.columns.some((c) => c.clipped));
+  assert.equal(o.finite, 199);
+});
+
+test("chart: more tensors than pixels are binned into min..max columns", () => {
+  const ratios = Array.from({ length: 5000 }, (_, i) => (i % 2 ? 0.7 : 0.95));
+  const m = chartModel(ratios, { width: 200, height: 60, padLeft: 30, padRight: 0 });
+  assert.equal(m.columns.length, 170);
+  for (const c of m.columns) assert.ok(c.yBottom - c.yTop > 5, "each column spans both values");
+});
+
+test("chart: empty or all-missing ratios give an empty chart with the RTN line in the middle", () => {
+  const m = chartModel([], { width: 100, height: 50, padTop: 0, padBottom: 0 });
+  assert.equal(m.columns.length, 0);
+  assert.equal(m.refY, 25);
+  const n = chartModel([null, "NaN"], { width: 100, height: 50 });
+  assert.equal(n.columns.length, 0);
+  assert.equal(n.finite, 0);
+  const one = chartModel([1, 1, 1], { width: 100, height: 50 });
+  assert.ok(one.yHigh - one.yLow >= 0.1);
+});
