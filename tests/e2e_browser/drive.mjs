@@ -99,7 +99,7 @@ async function queue(page) {
 async function panels(page) {
   return page.evaluate(() =>
     Object.fromEntries(
-      [...document.querySelectorAll(".fp16lr-panel")].map((el) => [
+      [...document.querySelectorAll(".fp16lr-panel[data-fp16lr-node]")].map((el) => [
         el.dataset.fp16lrNode,
         { phase: el.dataset.phase ?? "idle", text: el.dataset.text ?? "", shown: el.isConnected && el.getBoundingClientRect().height > 0,
           inVueNode: !!el.closest(".lg-node"), chartColumns: [...el.querySelectorAll("canvas")].map((c) => Number(c.dataset.columns || 0)) },
@@ -177,8 +177,9 @@ await step("run", async () => {
     (p) => p[big]?.phase === "done" && p[small]?.phase === "done",
     {
       onTick: async (p, tl) => {
-        // mid-run: a panel that has already moved through a few tensors (the other one may still wait or be done)
-        const running = [big, small].find((id) => p[id]?.phase === "running" && converting(tl[id]).length >= 3);
+        // mid-run: a panel that has moved through a few tensors and about a third of the bytes
+        const percent = (id) => Number(/· ([\d.]+) %/.exec(p[id]?.text ?? "")?.[1] ?? 0);
+        const running = [big, small].find((id) => p[id]?.phase === "running" && converting(tl[id]).length >= 3 && percent(id) >= 30);
         if (!midShot && running) {
           await page.screenshot({ path: join(opt.out, "web-progress-running.png") });
           midShot = { node: running, text: p[running].text };

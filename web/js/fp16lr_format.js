@@ -323,7 +323,7 @@ export function panelSections(state, options) {
     return state.reports.map((report) => ({ lines: reportLines(report, options), report, chartAt: reportView(report, options).lines.length }));
   }
   const lines = [state.error];
-  if (state.event) lines.push(`last tensor: ${shortenKey(state.event.key || "", 44)}`);
+  if (state.event) lines.push(`last tensor: ${shortenKey(state.event.key || "", 40)}`);
   return [{ lines, error: true }, ...saved];
 }
 
