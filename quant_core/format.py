@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 
 from .errors import ConversionError
 from .safetensors_io import DTYPES, FLOAT_DTYPES, Header, SafetensorsReader
@@ -169,16 +170,18 @@ def iter_dequantized(path: str, dtype: torch.dtype | None = None) -> Iterator[tu
     else bf16 or fp32). Scale and marker tensors are dropped. Other tensors keep their dtype unless `dtype` is given
     and they are floating.
     """
-    with SafetensorsReader(path) as reader:
-        keys = list(reader.header.tensors)
-        keyset = set(keys)
-        for key in keys:
+    header = SafetensorsReader(path).header  # validates the file, names it in errors
+    keyset = set(header.tensors)
+    # the loaders hand these tensors to ComfyUI, which copies them into the model: read them through the library's
+    # own reader, as ComfyUI's loaders do, so that loading costs what the stock loaders cost
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for key in header.tensors:
             if key == MARKER_KEY or key in FOREIGN_MARKERS or key.endswith(SCALE_SUFFIXES):
                 continue
-            t = reader.get(key)
+            t = f.get_tensor(key)
             scale_key = layer_of(key) + ".scale_weight" if key.endswith(".weight") else None
             if scale_key in keyset:
-                s = reader.get(scale_key).float().reshape(-1)
+                s = f.get_tensor(scale_key).float().reshape(-1)
                 if s.numel() != 1:
                     raise ConversionError(f"{path}: '{scale_key}' must hold one value, has shape {list(s.shape)}")
                 scale = float(s[0])

@@ -140,28 +140,30 @@ def read_header(path: str) -> Header:
 
 
 class SafetensorsReader:
-    """Random-access tensor reader over the safetensors library's own lazy reader (memory-mapped)."""
+    """Random-access tensor reader. The safetensors library's own reader validates the file when it is opened
+    (offsets, overlaps, holes); tensor bytes are then read with pread, one tensor at a time."""
 
     def __init__(self, path: str):
         self.header = read_header(path)
         self.path = path
         self._fd: int | None = None
-        self._handle = None
         try:
-            self._handle = safe_open(path, framework="pt", device="cpu")
-            self._file = self._handle.__enter__()
+            with safe_open(path, framework="pt", device="cpu"):
+                pass
         except Exception as e:  # the library's own validation (overlaps, holes) as a clear message
             raise ConversionError(f"{path}: not a valid safetensors file ({e})") from None
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor into (anonymous) CPU memory."""
+        """Read one tensor into fresh (anonymous) CPU memory.
+
+        The bytes are read with pread at the offsets of the validated header rather than through the library's
+        memory map: pages of a memory map stay mapped, and counted in the process's RSS, until the file is closed,
+        which for a 24 GB model looks like a 24 GB process (measured in ComfyUI: +3.9 GiB RSS for a 4 GB file through
+        the map, +0.5 GiB with pread)."""
         info = self.header.tensors[key]
         if DTYPES[info.dtype][0] is None:
             raise ConversionError(f"{self.path}: tensor '{key}' has dtype {info.dtype}, unsupported by this torch")
-        try:
-            return self._file.get_tensor(key)
-        except Exception as e:
-            raise ConversionError(f"{self.path}: cannot read tensor '{key}' ({e})") from None
+        return self.read_into(key, torch.empty(info.nbytes, dtype=torch.uint8))
 
     def read_into(self, key: str, buf: torch.Tensor) -> torch.Tensor:
         """Read one tensor's bytes straight into `buf` (uint8, e.g. pinned memory for fast GPU copies) and return
@@ -169,13 +171,18 @@ class SafetensorsReader:
         info = self.header.tensors[key]
         dtype = DTYPES[info.dtype][0]
         view = buf[: info.nbytes]
+        if DTYPES[info.dtype][0] is None:
+            raise ConversionError(f"{self.path}: tensor '{key}' has dtype {info.dtype}, unsupported by this torch")
         if info.nbytes:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY)
             mv = memoryview(view.numpy())
             offset, done = self.header.data_start + info.begin, 0
             while done < info.nbytes:
-                n = os.preadv(self._fd, [mv[done:]], offset + done)
+                try:
+                    n = os.preadv(self._fd, [mv[done:]], offset + done)
+                except OSError as e:
+                    raise ConversionError(f"{self.path}: cannot read tensor '{key}' ({e.strerror})") from None
                 if n <= 0:
                     raise ConversionError(f"{self.path}: truncated while reading tensor '{key}'")
                 done += n
@@ -185,9 +192,6 @@ class SafetensorsReader:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-            self._handle = None
 
     def __enter__(self) -> "SafetensorsReader":
         return self
