@@ -118,7 +118,9 @@ def markers(rules: Rules) -> dict[str, torch.Tensor]:
     """The marker tensors written after all weights."""
     out = {MARKER_KEY: torch.zeros((0,) if rules.t5xxl else (2,), dtype=torch.float16)}
     if rules.scaled_fp8_marker:
-        out[FP8_MARKER_KEY] = torch.zeros((0,), dtype=torch.float16)  # ComfyUI reads only its dtype
+        # ComfyUI reads the weight dtype from the marker's dtype; for diffusion models a 2-element marker also
+        # keeps its fp8 matmul optimisations off (measured correct with either shape for FLUX, [0] for T5XXL)
+        out[FP8_MARKER_KEY] = torch.zeros((0,) if rules.t5xxl else (2,), dtype=torch.float16)
     return out
 
 

@@ -174,7 +174,7 @@ def test_scaled_fp8_marker_option(flux_bf16, tmp_path):
     out = str(tmp_path / "out.safetensors")
     convert_file(flux_bf16, out, ConvertOptions(num_iter=0, scaled_fp8_marker=True))
     dst, meta = read_all(out)
-    assert dst["scaled_fp8"].dtype == torch.float16 and tuple(dst["scaled_fp8"].shape) == (0,)
+    assert dst["scaled_fp8"].dtype == torch.float16 and tuple(dst["scaled_fp8"].shape) == (2,)
     assert tuple(dst["scaled_fp16"].shape) == (2,)
     assert json.loads(meta["scaled_fp16.settings"])["scaled_fp8_marker"] is True
     assert "scaled_fp8" not in load_dequantized_state_dict(out)
