@@ -80,7 +80,7 @@ def capture(model_dir: str, texts: list[str], output: str, eval_texts: list[str]
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval().to(device)
+    model = AutoModel.from_pretrained(model_dir).float().eval().to(device)
     writer = CalibrationWriter()
     rec = _Recorder(model, writer)
     counts = {}

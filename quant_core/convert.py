@@ -227,8 +227,11 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
         ws = w.float()
         if scale != 1.0:
             ws = ws * (1.0 / scale)  # exact: power of two
-        res = rounding.round_to_fp16(ws, top_k=options.top_k, num_iter=options.num_iter,
-                                     calibration=layer_cal, cancel=cancel_fn)
+        try:
+            res = rounding.round_to_fp16(ws, top_k=options.top_k, num_iter=options.num_iter,
+                                         calibration=layer_cal, cancel=cancel_fn)
+        except ValueError as e:  # e.g. calibration statistics of another width than this weight
+            raise ConversionError(f"{path}: tensor '{key}': {e}") from None
         q, info = res.q, dict(res.info)
         if not torch.equal(q, q_rtn):
             _, m = measure(w, scale, q)

@@ -22,7 +22,6 @@ decisions are made in float64, so a CPU and a GPU run store the same bytes unles
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -32,18 +31,21 @@ if TYPE_CHECKING:
     from .calibration import LayerCalibration
 
 # default mode
-MAX_PASSES = 6           # refinement passes; num_iter caps this, beyond it the objective is at its granularity floor
+MAX_PASSES = 4           # refinement passes; num_iter caps this, beyond it the objective is at its granularity floor
 BASIS_ITERS = 8          # block Krylov steps for the top-k basis (each: two skinny products with W)
 OVERSAMPLE = 6           # extra vectors per Krylov block
 BASIS_SEED = 20240601
+EXACT_BASIS_DIM = 512    # up to this short side the exact basis (eigh of the small Gram matrix) is used
+NEGLIGIBLE_REL = 2.0 ** -20  # RTN relF below this (e.g. BF16 at scale 1: only subnormals inexact): keep RTN
 # The gain/cost ratio is binned by its float64 bit pattern: sign-free exponent plus the top 5 mantissa bits, i.e.
 # 32 bins per octave, monotone in the ratio, covering every positive float64 (no log needed).
 MANTISSA_SHIFT = 52 - 5
 NBINS = 1 << (11 + 5)
 SPREAD = 1024            # extra bins that absorb non-candidates (spread out to avoid atomic contention on one bin)
 FIXED_ONE = 1 << 32      # fixed-point unit of gain and cost sums (integer sums are exact and order-free)
-POOL_COST = 0.2         # candidate pool: flips costing at most this fraction of the squared fp16 gap
-STEPS = (1.0, 0.6, 0.35, 0.2, 0.1) # first-order step fractions tried by each pass's line search
+TIE_COST = 2.0 ** -16   # added to every flip's cost, in units of its squared fp16 gap (see _topk)
+POOL_COST = 0.1         # candidate pool: flips costing at most this fraction of the squared fp16 gap
+STEPS = (1.0, 0.5, 0.25) # first-order step fractions tried by each pass's line search
 FROB_BUDGET = 0.01       # extra squared Frobenius error allowed, relative to RTN's (relF at most ~1.005x RTN)
 
 # calibrated mode
@@ -132,71 +134,102 @@ def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: in
     devices agree; the start block comes from a seeded CPU generator.
     """
     m, n = w2.shape
+    dev = w2.device
     w64 = w2.double()
-    if min(m, n) <= (k + OVERSAMPLE) * (iters + 1):
-        # small: the exact SVD costs less than the iteration (via the Gram matrix of the short side)
-        if n <= m:
-            evals, evecs = torch.linalg.eigh(w64.T @ w64)
-            v = evecs[:, -k:].flip(1)
-            u = w64 @ v
-        else:
-            evals, evecs = torch.linalg.eigh(w64 @ w64.T)
-            u = evecs[:, -k:].flip(1)
-            v = w64.T @ u
+    if min(m, n) <= EXACT_BASIS_DIM:
+        # small: the exact SVD through the Gram matrix of the short side costs less than the iteration
+        tall = n <= m
+        gram = (w64.T @ w64) if tall else (w64 @ w64.T)
+        top = _top_eigvecs(gram, k).to(dev)
+        other = w64 @ top if tall else w64.T @ top
+        u, v = (other, top) if tall else (top, other)
         return _normalize_columns(u), _normalize_columns(v)
     p = k + OVERSAMPLE
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, p, generator=g, dtype=torch.float64).to(w2.device)
-    y, _ = torch.linalg.qr(w64 @ x)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64).to(dev)
+    y = _orthonormalize(w64 @ x)
     blocks = [y]
     for _ in range(iters):
-        y, _ = torch.linalg.qr(w64 @ (y.T @ w64).T)  # (y^T W)^T: MKL is several times slower on W^T y
+        y = _orthonormalize(w64 @ (y.T @ w64).T)  # (y^T W)^T: MKL is several times slower on W^T y
         blocks.append(y)
-    basis, _ = torch.linalg.qr(torch.cat(blocks, 1))
-    ub, _, vh = torch.linalg.svd(basis.T @ w64, full_matrices=False)
-    return (basis @ ub[:, :k]).contiguous(), vh[:k].T.contiguous()
+    basis = _orthonormalize(torch.cat(blocks, 1))
+    b = basis.T @ w64                          # [r, n], r <= (k + OVERSAMPLE) * (iters + 1)
+    ub = _top_eigvecs(b @ b.T, k).to(dev)
+    return _normalize_columns(basis @ ub), _normalize_columns(b.T @ ub)
 
 
 def _normalize_columns(a: torch.Tensor) -> torch.Tensor:
     return (a / a.norm(dim=0, keepdim=True).clamp_min(1e-300)).contiguous()
 
 
-def _boundary(cum_gain: torch.Tensor, gain_hist: torch.Tensor, target: float) -> torch.Tensor:
-    """Number of best bins whose summed fixed-point gain lands nearest `target` * FIXED_ONE (device scalar)."""
+def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """Eigenvectors of the k largest eigenvalues of a small symmetric matrix, computed on the CPU (tiny, and the
+    same LAPACK routine whatever device the caller works on)."""
+    _, vecs = torch.linalg.eigh(gram.cpu())
+    return vecs[:, -k:].flip(1).contiguous()
+
+
+def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of tall `y` [m, r] (r small): twice y Q diag(lambda)^-1/2 from the
+    eigen-decomposition of the small Gram matrix on the CPU. Directions with eigenvalues below 1e-10 of the
+    largest (numerically dependent columns) are dropped. Two skinny products on the device, no tall QR."""
+    for _ in range(2):
+        lam, vecs = torch.linalg.eigh((y.T @ y).cpu())
+        keep = lam > lam[-1].clamp_min(1e-300) * 1e-10
+        y = y @ (vecs[:, keep] / lam[keep].sqrt()).to(y.device)
+    return y
+
+
+def _cut(cum_gain: torch.Tensor, gain_hist: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the ranking reaches `target` * FIXED_ONE of summed gain: (index of the crossing bin, fraction of that
+    bin's gain still wanted), both device scalars. Bins before the crossing bin are taken whole."""
     t = int(target * FIXED_ONE)
     idx = torch.count_nonzero(cum_gain < t)
     i = idx.clamp(max=NBINS - 1).view(1)
     incl = cum_gain.gather(0, i)[0]
     excl = incl - gain_hist.gather(0, i)[0]
-    take = (incl - t) < (t - excl)
-    return torch.where(idx >= NBINS, NBINS, idx + take.long())
+    frac = (t - excl).double() / (incl - excl).clamp_min(1).double()
+    return idx, torch.where(idx >= NBINS, 0.0, frac)
+
+
+def _tiebreak(flat: torch.Tensor) -> torch.Tensor:
+    """A fixed pseudo-random number in [0, 1) per element (from its position) that picks a fraction of a bin."""
+    h = ((flat % 65521) * 40503 + (flat // 65521) * 30011) % 65536
+    return h.double() / 65536.0
 
 
 def _candidate_pool(w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The elements worth considering, compacted: (flat index, row, column, e, d) with e, d float64.
+    """The elements worth considering, compacted: (flat index, row, column, e, d, RTN relF) with e, d float64.
 
-    An element is in the pool if its flip costs at most POOL_COST of its squared fp16 gap (|e| >= 0.4 of the gap),
-    about a fifth of all inexact elements; the flips the passes choose are almost all far cheaper than that.
+    An element is in the pool if its flip costs at most POOL_COST of its squared fp16 gap (|e| >= 0.45 of the gap),
+    about a tenth of all inexact elements; the flips the passes choose are almost all far cheaper than that.
     One host sync (the pool's size) per tensor.
     """
     m, n = w2.shape
     idx, ee, dd = [], [], []
+    sums = torch.zeros(2, dtype=torch.float64, device=w2.device)
     for r0, r1 in _row_chunks(m, n, w2.device):
         _, _, e, d = neighbours(w2[r0:r1])
+        sums += torch.stack([torch.dot(e.view(-1), e.view(-1)).double(),
+                             torch.dot(w2[r0:r1].reshape(-1), w2[r0:r1].reshape(-1)).double()])
         keep = (d != 0) & (d * (2.0 * e + d) <= POOL_COST * d * d)
         i = torch.nonzero(keep.view(-1)).view(-1)
         idx.append(i + r0 * n)
         ee.append(e.view(-1)[i])
         dd.append(d.view(-1)[i])
     idx = torch.cat(idx)
-    return idx, idx // n, idx % n, torch.cat(ee).double(), torch.cat(dd).double()
+    e_sq, w_sq = sums.tolist()
+    rtn_rel = (e_sq / w_sq) ** 0.5 if w_sq > 0 else 0.0
+    return idx, idx // n, idx % n, torch.cat(ee).double(), torch.cat(dd).double(), rtn_rel
 
 
 def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> tuple[torch.Tensor, dict]:
     m, n = w2.shape
     dev = w2.device
-    flat, rows, cols, e, d = _candidate_pool(w2)
-    if flat.numel() == 0:  # nothing worth moving (e.g. BF16 values in fp16's normal range): RTN, no basis needed
+    flat, rows, cols, e, d, rtn_rel = _candidate_pool(w2)
+    # nothing worth moving: no inexact element (BF16 values in fp16's normal range) or an RTN error that is already
+    # negligible (BF16 at scale 1, where only fp16 subnormals round): RTN, no basis needed
+    if flat.numel() == 0 or rtn_rel <= NEGLIGIBLE_REL:
         return w2.to(torch.float16), {"method": "topk", "top_k": k, "iterations": 0, "topk_ratio": 1.0,
                                       "flips": 0, "extra_frobenius": 0.0}
     u, v = principal_basis(w2, k)
@@ -210,7 +243,10 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         rtn_sq += (e64 * e64).sum()
     mat_rtn = mat.clone()
 
-    cost = d * (2.0 * e + d)                  # extra squared error of each flip (>= 0: RTN is nearest)
+    # extra squared error of each flip (>= 0: RTN is nearest), plus a sliver of the squared gap so that exact ties
+    # (cost 0) are still ranked among themselves by their gain
+    cost = d * (2.0 * e + d) + TIE_COST * d * d
+    pick = _tiebreak(flat)
     ud = u.index_select(0, rows)              # [N, k] rows of U and V each pool element touches
     vc = v.index_select(0, cols)
     flipped = torch.zeros(flat.numel(), dtype=torch.bool, device=dev)
@@ -238,8 +274,10 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         # nested prefixes of the ranking (full first-order step, then shorter ones); the one that leaves the
         # smallest ||M|| is taken, or none: each pass can only lower the objective
         level = torch.zeros_like(b)
+        affordable = cand & (b < by_cost)
         for target in STEPS:
-            level += (cand & (b < torch.minimum(_boundary(cum_gain, gain_hist, target), by_cost))).long()
+            idx, frac = _cut(cum_gain, gain_hist, target)
+            level += (affordable & ((b < idx) | ((b == idx) & (pick < frac)))).long()
         dmat = torch.zeros(len(STEPS) + 1, k, k, dtype=torch.float64, device=dev)
         dcost = torch.zeros(len(STEPS) + 1, dtype=torch.float64, device=dev)
         for r in range(len(STEPS), 0, -1):  # prefix r holds the elements with level >= r
@@ -409,3 +447,34 @@ def _output_error_info(w2: torch.Tensor, q: torch.Tensor, cal: "LayerCalibration
         info["output_error_ratio_bias_corrected"] = with_bias / err_rtn if err_rtn > 0 else 1.0
         info["bias_correction_gain"] = with_bias / err if err > 0 else 1.0
     return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic calibration rows (report only)
+
+
+def synthetic_output_error(w: torch.Tensor, q_deq: torch.Tensor, samples: int, seed: int = 0,
+                           rows_per_step: int = 1024) -> dict:
+    """out(randn) of rounding.md: ||X (W - Q)^T|| / ||X W^T|| for `samples` rows of seeded standard-normal X, beside
+    the same for RTN. `w` [out, in] (or [out, ...]) in any float dtype, `q_deq` the stored weight dequantized to the
+    same units. Returns {"out_randn": float, "rtn_out_randn": float, "out_randn_ratio": float}.
+
+    Isotropic rows carry no information about the layer (in expectation this is relF), so this is a report only;
+    it never feeds the rounding or a bias. Cost: 2 * samples * in * out multiply-adds per call, in blocks of
+    `rows_per_step` rows (memory ~ rows_per_step * (in + 3 * out) floats)."""
+    out = w.shape[0]
+    wf = w.reshape(out, -1).float()
+    e = q_deq.reshape(out, -1).float() - wf
+    er = w.reshape(out, -1).float().to(torch.float16).float() - wf
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.zeros(3, dtype=torch.float64)
+    done = 0
+    while done < samples:
+        r = min(rows_per_step, samples - done)
+        x = torch.randn(r, wf.shape[1], generator=g).to(wf.device)
+        acc += torch.stack([(x @ e.T).double().pow(2).sum(), (x @ er.T).double().pow(2).sum(),
+                            (x @ wf.T).double().pow(2).sum()]).cpu()
+        done += r
+    err, rtn, ref = (float(v) ** 0.5 for v in acc)
+    return {"out_randn": err / ref if ref else 0.0, "rtn_out_randn": rtn / ref if ref else 0.0,
+            "out_randn_ratio": err / rtn if rtn else 1.0}
