@@ -91,14 +91,19 @@ def _check_cancel(cancel: CancelHook | None, index: int, total: int) -> None:
         raise Cancelled(f"cancelled at tensor {index}/{total}, no file written", index, total)
 
 
-class _PinnedPool:
-    """A few reusable page-locked host buffers: host<->GPU copies from pinned memory run ~7x faster than from
-    pageable memory, and allocating pinned memory per tensor would cost more than the copy."""
+class _BufferPool:
+    """A few reusable host buffers for tensor bytes in flight (read, converted, being written).
 
-    def __init__(self, nbytes: int, count: int):
+    On the GPU path they are page-locked: host<->GPU copies from pinned memory run ~7x faster than from pageable
+    memory, and pinning per tensor would cost more than the copy. On the CPU path they are plain memory reused from
+    tensor to tensor: a fresh buffer per tensor is page-faulted (and zeroed by the kernel) on first touch, which for
+    BF16 input cost about as much as the conversion arithmetic itself. Memory stays bounded at `count` buffers.
+    """
+
+    def __init__(self, nbytes: int, count: int, pin: bool):
         self._free: queue.Queue = queue.Queue()
         for _ in range(count):
-            self._free.put(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True))
+            self._free.put(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin))
 
     def acquire(self, stop: threading.Event | None = None) -> torch.Tensor | None:
         while True:
@@ -115,11 +120,11 @@ class _PinnedPool:
 class _Prefetcher:
     """Reads planned tensors in order on a background thread, at most `depth` ahead.
 
-    Each item is (key, tensor, pinned buffer or None). With a pool, tensors are read straight into pinned buffers
-    that the consumer must hand back (`pool.release`) once it no longer needs the bytes.
+    Each item is (key, tensor, pool buffer or None). With a pool, tensors are read straight into the pool's buffers,
+    which the consumer must hand back (`pool.release`) once it no longer needs the bytes.
     """
 
-    def __init__(self, reader: SafetensorsReader, keys: list[str], depth: int = 2, pool: _PinnedPool | None = None):
+    def __init__(self, reader: SafetensorsReader, keys: list[str], depth: int = 2, pool: _BufferPool | None = None):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._pool = pool
@@ -203,8 +208,9 @@ class _WriterThread:
 
 
 def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.device, layer_cal, cancel_fn,
-              path: str) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
-    """Scale, round and measure one weight. Returns (fp16 on `device`, scale tensor, metrics, bias delta or None)."""
+              path: str, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
+    """Scale, round and measure one weight. Returns (fp16 on `device`, scale tensor, metrics, bias delta or None).
+    `out` (CPU, optional): a reusable buffer for the round-to-nearest result, returned as a view when it stays."""
     t0 = time.perf_counter()
     w = w.to(device, non_blocking=True)
     if w.numel():
@@ -215,10 +221,10 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
     if not math.isfinite(max_abs):
         raise ConversionError(f"{path}: tensor '{key}' contains NaN or infinite values; refusing to convert it")
     scale, alt = candidate_scale(max_abs, options.scale)
-    q_rtn, m = measure(w, scale)  # round-to-nearest, measured in the same pass
+    q_rtn, m = measure(w, scale, out=out)  # round-to-nearest, measured in the same pass
     if alt is not None and worth_scaling(w, alt, m["rtn_err_sq"], m["w_sq"], m["tiny_err_sq"]):
         scale = alt
-        q_rtn, m = measure(w, scale)
+        q_rtn, m = measure(w, scale, out=out)
     q, info = q_rtn, {"method": "rtn"}
     if options.num_iter > 0 and m["err_sq"] == 0.0:
         info = {"method": "exact"}  # every element is representable: there is nothing to round
@@ -296,10 +302,13 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
     with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer:
         keys = [i.key for i in items if i.action != fmt.REMOVE]
         in_pool = out_pool = None
-        if device.type == "cuda" and isinstance(reader, SafetensorsReader):
+        cuda = device.type == "cuda"
+        if isinstance(reader, SafetensorsReader):
             biggest = max((i.nbytes for i in items), default=1)
             biggest_q = max((2 * math.prod(i.shape) for i in items if i.action == fmt.QUANTIZE), default=1)
-            in_pool, out_pool = _PinnedPool(biggest, 2), _PinnedPool(biggest_q, 2)
+            # CPU: one buffer per tensor in flight (prefetch queue + the one in use; written-out ones come back)
+            in_pool = _BufferPool(biggest, 2 if cuda else 3, pin=cuda)
+            out_pool = _BufferPool(biggest_q, 2 if cuda else 3, pin=cuda)
         prefetch = _Prefetcher(reader, keys, pool=in_pool)
         out = _WriterThread(writer)
         bias_deltas: dict[str, torch.Tensor] = {}
@@ -316,11 +325,24 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
                     assert key == item.key
                 if item.action == fmt.QUANTIZE:
                     layer_cal = calibration.get(item.key) if calibration is not None else None
-                    q, scale_t, m, delta = _quantize(item.key, t, options, device, layer_cal, cancel_fn, src)
+                    obuf = out_pool.acquire() if out_pool is not None and not cuda else None
+                    try:
+                        q, scale_t, m, delta = _quantize(item.key, t, options, device, layer_cal, cancel_fn, src,
+                                                         out=obuf)
+                    except BaseException:
+                        if obuf is not None:
+                            out_pool.release(obuf)
+                        raise
                     scale = float(scale_t[0])
-                    if buf is not None:  # the device copy is complete: _quantize synced on its metrics
+                    if buf is not None:  # done with the input (on a GPU: _quantize synced on its metrics)
                         in_pool.release(buf)
-                    if out_pool is not None:
+                    if obuf is not None:  # CPU: the result sits in the pooled buffer unless rounding replaced it
+                        if q.untyped_storage().data_ptr() == obuf.data_ptr():
+                            out.put(item.key, q, lambda b=obuf: out_pool.release(b))
+                        else:
+                            out_pool.release(obuf)
+                            out.put(item.key, q)
+                    elif cuda and out_pool is not None:
                         obuf = out_pool.acquire()
                         host = obuf[: 2 * q.numel()].view(torch.float16).view(q.shape)
                         host.copy_(q, non_blocking=True)
@@ -372,7 +394,7 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
     return report
 
 
-def _releaser(pool: _PinnedPool | None, buf: torch.Tensor | None) -> Callable[[], None] | None:
+def _releaser(pool: _BufferPool | None, buf: torch.Tensor | None) -> Callable[[], None] | None:
     return (lambda: pool.release(buf)) if pool is not None and buf is not None else None
 
 

@@ -12,17 +12,22 @@ import torch
 
 FP16_MIN_NORMAL = 2.0 ** -14
 CPU_CHUNK = 1 << 17  # elements: 1 MiB of float32, stays in L2
+# the exact-source path reuses three preallocated buffers; with no allocation per step larger chunks win
+# (75M BF16 elements on 2 cores: 97 ms at 2^17, 60 ms at 2^19, 55 ms at 2^20; 12 MiB of buffers stay in L3)
+EXACT_CHUNK = 1 << 20
 
 
-def _chunks(n: int, device: torch.device):
-    step = CPU_CHUNK if device.type == "cpu" else max(n, 1)
+def _chunks(n: int, device: torch.device, cpu_step: int = CPU_CHUNK):
+    step = cpu_step if device.type == "cpu" else max(n, 1)
     return ((i, min(i + step, n)) for i in range(0, n, step))
 
 
-def measure(w: torch.Tensor, scale: float, q: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def measure(w: torch.Tensor, scale: float, q: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Measure fp16 `q` (with power-of-two `scale`) against weight `w` (any float dtype), beside RTN.
 
-    With ``q=None`` the RTN tensor is built in the same pass and measured (it is then both result and baseline).
+    With ``q=None`` the RTN tensor is built in the same pass and measured (it is then both result and baseline);
+    `out`, a buffer of at least 2 * numel bytes on w's device, receives it instead of fresh memory.
 
     Returns (q, metrics) with plain floats/ints: max_abs, scale, nonfinite, flushed_to_zero (nonzero weights stored
     as 0), subnormal (stored fp16 subnormals), rel_error = ||Q-W||/||W||, rtn_rel_error, error_ratio
@@ -31,11 +36,14 @@ def measure(w: torch.Tensor, scale: float, q: torch.Tensor | None = None) -> tup
     below s*2^-14, where fp16 is subnormal), tiny_err_sq (a bound on the squared error of those), and internal sums err_sq, rtn_err_sq, w_sq (float64) for totals.
     """
     if q is None and w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu":
-        return _measure_rtn_exact_source(w, scale)
+        return _measure_rtn_exact_source(w, scale, out)
     flat = w.reshape(-1)
     n = flat.numel()
     build = q is None
-    q_flat = torch.empty(n, dtype=torch.float16, device=w.device) if build else q.reshape(-1)
+    if build:
+        q_flat = _fp16_buffer(out, n, w.device)
+    else:
+        q_flat = q.reshape(-1)
     inv = 1.0 / scale
     thr = scale * FP16_MIN_NORMAL
     acc = torch.zeros(8, dtype=torch.float64, device=w.device)
@@ -91,41 +99,59 @@ def _count_nonzero(x: torch.Tensor) -> torch.Tensor:
     return torch.dot(s, s)
 
 
-def _measure_rtn_exact_source(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, dict]:
-    """`measure(w, scale)` for BF16/FP16 sources on the CPU, in about half the work.
+def _fp16_buffer(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(n, dtype=torch.float16, device=device)
+    return out.reshape(-1).view(torch.uint8)[: 2 * n].view(torch.float16)
+
+
+def _measure_rtn_exact_source(w: torch.Tensor, scale: float,
+                              out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """`measure(w, scale)` for BF16/FP16 sources on the CPU, in a fraction of the work.
 
     Such values are exactly representable in fp16 after a power-of-two scale unless they fall below fp16's smallest
-    normal ("tiny"). Clamping the scaled values to +-2^-14 keeps the tiny ones and turns every other one into an
-    exactly representable +-2^-14, so the rounding error of the clamped tensor *is* the error of the tensor, and the
-    counts come from plain float arithmetic on it (no boolean masks, which are slow on the CPU).
+    normal ("tiny"). Clamping to +-2^-14 keeps the tiny ones and turns every other one into an exactly representable
+    +-2^-14, so the difference of the clamped stored value and the clamped source *is* the rounding error, and the
+    counts come from plain float arithmetic (no boolean masks, which are slow on the CPU). Every step writes into
+    three preallocated chunk buffers: allocating per operation (large blocks are mmap'ed and page-faulted afresh
+    each time) used to cost more than the arithmetic.
     """
     flat = w.reshape(-1)
     n = flat.numel()
-    q_flat = torch.empty(n, dtype=torch.float16)
+    q_flat = _fp16_buffer(out, n, w.device)
     inv = 1.0 / scale
     lim = FP16_MIN_NORMAL
-    acc = torch.zeros(6, dtype=torch.float64)
-    max_d = torch.zeros((), dtype=torch.float32)
-    for i, j in _chunks(n, w.device):
-        wf = flat[i:j].float()
-        w2 = torch.dot(wf, wf)
-        ws = wf.mul_(inv) if scale != 1.0 else wf
-        q_flat[i:j].copy_(ws)
-        t = ws.clamp_(-lim, lim)
-        tq = t.half().float()
-        d = tq - t
-        st, sq, sd = torch.sign(t), torch.sign(tq), torch.sign(d)
-        # |tq| < 2^-14 exactly where trunc(|tq| * 2^14) == 0 (|tq| <= 2^-14 after clamping)
-        full = torch.trunc(tq.abs_().mul_(1.0 / lim))
-        sums = torch.stack([torch.dot(d, d), w2, torch.dot(sd, sd), torch.dot(st, st), torch.dot(sq, sq),
-                            full.sum()])
-        acc += sums.double()
-        max_d = torch.maximum(max_d, d.abs_().amax())
-    e_sq, w_sq, inexact, nz_w, nz_q, normal = acc.tolist()
+    step = min(EXACT_CHUNK, max(n, 1))
+    f, g, h = (torch.empty(step, dtype=torch.float32) for _ in range(3))
+    rows = (n + step - 1) // step
+    sums = torch.zeros(max(rows, 1), 6, dtype=torch.float32)  # per chunk: d.d, w.w, inexact, nz_w, nz_q, normal
+    dmax = torch.zeros(max(rows, 1), dtype=torch.float32)
+    for r, (i, j) in enumerate(_chunks(n, w.device, step)):
+        k = j - i
+        fc, gc, hc, qc, out = f[:k], g[:k], h[:k], q_flat[i:j], sums[r]
+        fc.copy_(flat[i:j])
+        torch.dot(fc, fc, out=out[1])
+        if scale != 1.0:
+            fc.mul_(inv)
+        qc.copy_(fc)                      # the stored fp16 (round to nearest)
+        fc.clamp_(-lim, lim)              # t: tiny source values, +-lim elsewhere
+        gc.copy_(qc).clamp_(-lim, lim)    # tq: the same for the stored values
+        torch.sub(gc, fc, out=hc)         # d = tq - t: the rounding error (scaled units)
+        torch.dot(hc, hc, out=out[0])
+        dmax[r] = hc.abs_().amax()
+        torch.sign(hc, out=hc)
+        torch.dot(hc, hc, out=out[2])     # inexact elements
+        torch.sign(fc, out=hc)
+        torch.dot(hc, hc, out=out[3])     # nonzero source elements
+        torch.sign(gc, out=hc)
+        torch.dot(hc, hc, out=out[4])     # nonzero stored elements
+        gc.abs_().mul_(1.0 / lim).floor_()
+        out[5] = gc.sum()                 # stored |q| >= 2^-14 (|tq| == lim exactly there)
+    e_sq, w_sq, inexact, nz_w, nz_q, normal = sums.double().sum(0).tolist()
     e_sq *= scale * scale
     below = n - normal  # stored |q| < 2^-14, zeros included
     m = _finish(n, scale, e_sq, w_sq, inexact, nz_w - nz_q, below - (n - nz_q), e_sq, 0,
-                float("nan"), float(max_d) / lim)
+                float("nan"), float(dmax.max()) / lim)
     m["tiny_err_sq"] = e_sq  # all of the error sits in the tiny elements
     return q_flat.view(w.shape), m
 
