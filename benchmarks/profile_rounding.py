@@ -66,7 +66,29 @@ def main() -> None:
         sync()
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    with torch.profiler.profile(activities=acts) as prof:
+        R.principal_basis(w, 1)
+        sync()
+    print("principal_basis only:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    # step by step
+    w64 = w.double()
+    for name, fn in [("double()", lambda: w.double()),
+                     ("W @ x", lambda: w64 @ torch.ones(w.shape[1], 7, dtype=torch.float64, device=dev)),
+                     ("(y^T W)^T", lambda: (torch.ones(w.shape[0], 7, dtype=torch.float64, device=dev).T @ w64).T),
+                     ("orth block", lambda: R._orthonormalize_block(torch.randn(w.shape[0], 7, dtype=torch.float64,
+                                                                                 device=dev))),
+                     ("orth final", lambda: R._orthonormalize(torch.randn(w.shape[0], 63, dtype=torch.float64,
+                                                                           device=dev))),
+                     ("basis", lambda: R.principal_basis(w, 1))]:
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        sync()
+        print(f"  {name:12s} {(time.perf_counter() - t0) / 5 * 1e3:8.3f} ms")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ NBINS = 1 << (11 + 5)
 SPREAD = 1024            # extra bins that absorb non-candidates (spread out to avoid atomic contention on one bin)
 FIXED_ONE = 1 << 32      # fixed-point unit of gain and cost sums (integer sums are exact and order-free)
 TIE_COST = 2.0 ** -16   # added to every flip's cost, in units of its squared fp16 gap (see _topk)
-POOL_COST = 0.1         # candidate pool: flips costing at most this fraction of the squared fp16 gap
+POOL_COST = 0.05        # candidate pool: flips costing at most this fraction of the squared fp16 gap
 STEPS = (1.0, 0.5, 0.25) # first-order step fractions tried by each pass's line search
 FROB_BUDGET = 0.01       # extra squared Frobenius error allowed, relative to RTN's (relF at most ~1.005x RTN)
 
@@ -115,7 +115,7 @@ def neighbours(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _row_chunks(m: int, n: int, device: torch.device):
-    budget = (1 << 24) if device.type == "cuda" else (1 << 18)
+    budget = (1 << 26) if device.type == "cuda" else (1 << 18)
     step = max(1, budget // max(n, 1))
     return [(i, min(i + step, m)) for i in range(0, m, step)]
 
@@ -140,21 +140,21 @@ def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: in
         # small: the exact SVD through the Gram matrix of the short side costs less than the iteration
         tall = n <= m
         gram = (w64.T @ w64) if tall else (w64 @ w64.T)
-        top = _top_eigvecs(gram, k).to(dev)
+        top = _top_eigvecs(gram, k)
         other = w64 @ top if tall else w64.T @ top
         u, v = (other, top) if tall else (top, other)
         return _normalize_columns(u), _normalize_columns(v)
     p = k + OVERSAMPLE
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, p, generator=g, dtype=torch.float64).to(dev)
-    y = _orthonormalize(w64 @ x)
+    y = _orthonormalize_block(w64 @ x)
     blocks = [y]
     for _ in range(iters):
-        y = _orthonormalize(w64 @ (y.T @ w64).T)  # (y^T W)^T: MKL is several times slower on W^T y
+        y = _orthonormalize_block(w64 @ (y.T @ w64).T)  # (y^T W)^T: MKL is several times slower on W^T y
         blocks.append(y)
     basis = _orthonormalize(torch.cat(blocks, 1))
     b = basis.T @ w64                          # [r, n], r <= (k + OVERSAMPLE) * (iters + 1)
-    ub = _top_eigvecs(b @ b.T, k).to(dev)
+    ub = _top_eigvecs(b @ b.T, k)
     return _normalize_columns(basis @ ub), _normalize_columns(b.T @ ub)
 
 
@@ -163,32 +163,54 @@ def _normalize_columns(a: torch.Tensor) -> torch.Tensor:
 
 
 def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
-    """Eigenvectors of the k largest eigenvalues of a small symmetric matrix, computed on the CPU (tiny, and the
-    same LAPACK routine whatever device the caller works on)."""
-    _, vecs = torch.linalg.eigh(gram.cpu())
+    """Eigenvectors of the k largest eigenvalues of a small symmetric matrix, on the matrix's own device."""
+    _, vecs = _eigh_small(gram)
     return vecs[:, -k:].flip(1).contiguous()
 
 
+def _eigh_small(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of a small (<= a few hundred) symmetric float64 matrix where it lives. On a GPU machine a round trip to
+    the CPU's LAPACK measured 10-25 ms per call (thread-pool start-up on a 16-core host) against well under 1 ms on
+    the device. Eigenvector signs and the basis of a repeated eigenvalue may differ between devices; nothing
+    downstream depends on them (u and v are built from the same vectors, and ||U^T E V|| is invariant)."""
+    return torch.linalg.eigh(gram)
+
+
+def _orthonormalize_block(y: torch.Tensor) -> torch.Tensor:
+    """Near-orthonormal columns spanning tall `y` [m, p] (p small), on y's own device without waiting for the host:
+    one Cholesky QR step (y <- y L^-T with L L^T = y^T y; orthogonality error ~ cond(y)^2 * 1e-16, ample between
+    Krylov steps, and the final `_orthonormalize` of all blocks is exact). A relative 1e-13 ridge keeps the
+    factorisation defined when y is rank-deficient (a weight of rank below p); such columns come out near zero or
+    dependent and the final step drops them. A few kernels, no host round trip per Krylov step."""
+    eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)
+    gram = y.T @ y
+    gram.diagonal().add_(gram.trace() * 1e-13 + 1e-300)
+    chol, _ = torch.linalg.cholesky_ex(gram)
+    return y @ torch.linalg.solve_triangular(chol, eye, upper=False).T  # y L^-T: one skinny product
+
+
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of the columns of tall `y` [m, r] (r small): twice y Q diag(lambda)^-1/2 from the
-    eigen-decomposition of the small Gram matrix on the CPU. Directions with eigenvalues below 1e-10 of the
+    """An orthonormal basis of the columns of tall `y` [m, r] (r small): y Q diag(lambda)^-1/2 from the
+    eigen-decomposition of the small Gram matrix, then a Cholesky QR step. Directions with eigenvalues below 1e-10 of the
     largest (numerically dependent columns) are dropped. Two skinny products on the device, no tall QR."""
-    for _ in range(2):
-        lam, vecs = torch.linalg.eigh((y.T @ y).cpu())
-        keep = lam > lam[-1].clamp_min(1e-300) * 1e-10
-        y = y @ (vecs[:, keep] / lam[keep].sqrt()).to(y.device)
-    return y
+    lam, vecs = _eigh_small(y.T @ y)
+    keep = (lam > lam[-1].clamp_min(1e-300) * 1e-10).cpu()  # the number kept decides a shape: one sync
+    y = y @ (vecs[:, keep] / lam[keep].sqrt())
+    # y is now orthonormal up to ~cond^2 * 1e-16 (cond <= 1e5 after the cut): one Cholesky QR step, exactly
+    # stable at that conditioning and far cheaper than a second eigh on a GPU, finishes the job
+    return _orthonormalize_block(y)
 
 
-def _cut(cum_gain: torch.Tensor, gain_hist: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the ranking reaches `target` * FIXED_ONE of summed gain: (index of the crossing bin, fraction of that
-    bin's gain still wanted), both device scalars. Bins before the crossing bin are taken whole."""
-    t = int(target * FIXED_ONE)
-    idx = torch.count_nonzero(cum_gain < t)
-    i = idx.clamp(max=NBINS - 1).view(1)
-    incl = cum_gain.gather(0, i)[0]
-    excl = incl - gain_hist.gather(0, i)[0]
-    frac = (t - excl).double() / (incl - excl).clamp_min(1).double()
+def _cuts(cum_gain: torch.Tensor, gain_hist: torch.Tensor, targets: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the ranking reaches each of `targets` (int64, units of FIXED_ONE) of summed gain: (index of the crossing
+    bin, fraction of that bin's gain still wanted), device tensors of targets' length. Bins before the crossing bin
+    are taken whole. `cum_gain` is non-decreasing, so the crossing bin is a binary search."""
+    idx = torch.searchsorted(cum_gain, targets)  # number of bins with cum_gain < target
+    i = idx.clamp(max=NBINS - 1)
+    incl = cum_gain[i]
+    excl = incl - gain_hist[i]
+    frac = (targets - excl).double() / (incl - excl).clamp_min(1).double()
     return idx, torch.where(idx >= NBINS, 0.0, frac)
 
 
@@ -198,7 +220,28 @@ def _tiebreak(flat: torch.Tensor) -> torch.Tensor:
     return h.double() / 65536.0
 
 
-def _candidate_pool(w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+class _Neighbours:
+    """`neighbours` of `w2` row chunk by row chunk. On a GPU the chunks are computed once and kept (12 bytes per
+    element) for the three passes that need them (pool, RTN error matrix, final assembly); on the CPU they are
+    recomputed each time so that memory stays at one chunk."""
+
+    def __init__(self, w2: torch.Tensor):
+        self.w2 = w2
+        self.chunks = _row_chunks(*w2.shape, w2.device)
+        self._keep = w2.device.type == "cuda"
+        self._cache: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def __iter__(self):
+        for c, (r0, r1) in enumerate(self.chunks):
+            nb = self._cache.get(c)
+            if nb is None:
+                nb = neighbours(self.w2[r0:r1])
+                if self._keep:
+                    self._cache[c] = nb
+            yield r0, r1, nb
+
+
+def _candidate_pool(w2: torch.Tensor, nbs: "_Neighbours | None" = None) -> tuple[torch.Tensor, ...]:
     """The elements worth considering, compacted: (flat index, row, column, e, d, RTN relF) with e, d float64.
 
     An element is in the pool if its flip costs at most POOL_COST of its squared fp16 gap (|e| >= 0.45 of the gap),
@@ -208,8 +251,7 @@ def _candidate_pool(w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
     m, n = w2.shape
     idx, ee, dd = [], [], []
     sums = torch.zeros(2, dtype=torch.float64, device=w2.device)
-    for r0, r1 in _row_chunks(m, n, w2.device):
-        _, _, e, d = neighbours(w2[r0:r1])
+    for r0, r1, (_, _, e, d) in (nbs if nbs is not None else _Neighbours(w2)):
         sums += torch.stack([torch.dot(e.view(-1), e.view(-1)).double(),
                              torch.dot(w2[r0:r1].reshape(-1), w2[r0:r1].reshape(-1)).double()])
         keep = (d != 0) & (d * (2.0 * e + d) <= POOL_COST * d * d)
@@ -226,7 +268,8 @@ def _candidate_pool(w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> tuple[torch.Tensor, dict]:
     m, n = w2.shape
     dev = w2.device
-    flat, rows, cols, e, d, rtn_rel = _candidate_pool(w2)
+    nbs = _Neighbours(w2)
+    flat, rows, cols, e, d, rtn_rel = _candidate_pool(w2, nbs)
     # nothing worth moving: no inexact element (BF16 values in fp16's normal range) or an RTN error that is already
     # negligible (BF16 at scale 1, where only fp16 subnormals round): RTN, no basis needed
     if flat.numel() == 0 or rtn_rel <= NEGLIGIBLE_REL:
@@ -236,8 +279,7 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
 
     mat = torch.zeros(k, k, dtype=torch.float64, device=dev)  # U^T (Q - W) V, kept current through the passes
     rtn_sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for r0, r1 in _row_chunks(m, n, dev):
-        _, _, e_rows, _ = neighbours(w2[r0:r1])
+    for r0, r1, (_, _, e_rows, _) in nbs:
         e64 = e_rows.double()
         mat += u[r0:r1].T @ (e64 @ v)
         rtn_sq += (e64 * e64).sum()
@@ -254,6 +296,8 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     budget = FROB_BUDGET * rtn_sq
     spent = torch.zeros((), dtype=torch.float64, device=dev)
 
+    targets = torch.tensor([int(t * FIXED_ONE) for t in STEPS], dtype=torch.int64, device=dev)
+    levels = torch.arange(1, len(STEPS) + 1, device=dev)
     done_passes = 0
     for _ in range(passes):
         _check(cancel)
@@ -273,17 +317,19 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         by_cost = torch.count_nonzero(torch.cumsum(cost_hist[:NBINS], 0) <= FIXED_ONE)
         # nested prefixes of the ranking (full first-order step, then shorter ones); the one that leaves the
         # smallest ||M|| is taken, or none: each pass can only lower the objective
-        level = torch.zeros_like(b)
+        # all STEPS at once (a handful of kernels, not a dozen per step: on a GPU the launches cost more than
+        # the work): level = in how many of the nested prefixes an element is
         affordable = cand & (b < by_cost)
-        for target in STEPS:
-            idx, frac = _cut(cum_gain, gain_hist, target)
-            level += (affordable & ((b < idx) | ((b == idx) & (pick < frac)))).long()
-        dmat = torch.zeros(len(STEPS) + 1, k, k, dtype=torch.float64, device=dev)
-        dcost = torch.zeros(len(STEPS) + 1, dtype=torch.float64, device=dev)
-        for r in range(len(STEPS), 0, -1):  # prefix r holds the elements with level >= r
-            dr = torch.where(level == r, d, 0.0)
-            dmat[r - 1] = dmat[r] + (ud * dr[:, None]).T @ vc
-            dcost[r - 1] = dcost[r] + torch.where(level == r, cost, 0.0).sum()
+        idx, frac = _cuts(cum_gain, gain_hist, targets)
+        inside = (b[None] < idx[:, None]) | ((b[None] == idx[:, None]) & (pick[None] < frac[:, None]))
+        level = (inside & affordable[None]).sum(0)
+        onehot = (level[:, None] == levels[None]).double()  # [N, S]: column r - 1 marks level == r
+        per_level = ((ud[:, None, :] * (onehot * d[:, None])[:, :, None]).reshape(len(d), -1).T @ vc)
+        per_level = per_level.view(len(STEPS), k, k)        # contribution of the elements of each level
+        zero_mat = torch.zeros(1, k, k, dtype=torch.float64, device=dev)
+        # prefix r holds the elements with level >= r: suffix sums, last entry "no flips"
+        dmat = torch.cat([per_level.flip(0).cumsum(0).flip(0), zero_mat])
+        dcost = torch.cat([(onehot.T @ cost).flip(0).cumsum(0).flip(0), zero_mat.new_zeros(1)])
         resid = ((mat + dmat) ** 2).sum((1, 2))  # entry i < len(STEPS): prefix i + 1; the last: no flips
         i = len(STEPS) - torch.argmin(resid.flip(0))  # ties go to fewer flips
         flipped |= level >= i + 1
@@ -299,8 +345,7 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     sel[flat] = flipped
     sel = sel.view(m, n)
     q = torch.empty(m, n, dtype=torch.float16, device=dev)
-    for r0, r1 in _row_chunks(m, n, dev):
-        rtn, other, _, _ = neighbours(w2[r0:r1])
+    for r0, r1, (rtn, other, _, _) in nbs:
         q[r0:r1] = torch.where(sel[r0:r1], other, rtn)
     stats = torch.stack([mat.norm(), mat_rtn.norm(), torch.count_nonzero(flipped).double(),
                          spent / rtn_sq.clamp_min(1e-300)]).tolist()  # one sync

@@ -10,14 +10,17 @@ from quant_core.demo import write_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("kind", ["flux-bf16", "t5-fp32"])
+@pytest.mark.parametrize("kind", ["flux-bf16", "t5-fp32", "wide-fp32"])
 @pytest.mark.parametrize("settings", [dict(num_iter=0), dict(), dict(scale="pow2", top_k=3)])
 def test_cpu_and_gpu_write_identical_bytes(tmp_path, kind, settings):
     if kind == "flux-bf16":
         src = write_model(str(tmp_path / "m.safetensors"), small_flux_specs(hidden=256), torch.bfloat16, seed=5)
-    else:
+    elif kind == "t5-fp32":
         src = write_model(str(tmp_path / "m.safetensors"), small_t5_specs(d_model=256, d_ff=512), torch.float32,
                           seed=6)
+    else:  # both sides above 512: the top-k basis comes from the Krylov iteration, not the exact small-side SVD
+        specs = [("blocks.0.mlp.weight", (640, 1536)), ("blocks.0.mlp.bias", (640,)), ("blocks.1.proj.weight", (1536, 640))]
+        src = write_model(str(tmp_path / "m.safetensors"), specs, torch.float32, seed=7)
     outs = []
     for device in ("cpu", "cuda"):
         out = str(tmp_path / f"{device}.safetensors")

@@ -147,3 +147,21 @@ def test_kernels_with_more_than_two_dims_round_like_their_2d_view():
     q4 = round_to_fp16(w, top_k=1, num_iter=256).q
     q2 = round_to_fp16(w.reshape(32, -1), top_k=1, num_iter=256).q
     assert q4.shape == w.shape and torch.equal(q4.reshape(32, -1), q2)
+
+
+def test_krylov_basis_finds_the_top_singular_vectors():
+    """Above 512 on both sides the basis comes from block Krylov iteration (orthonormalised on the device): it must
+    agree with a full SVD, also when the weight has lower rank than the Krylov block."""
+    from quant_core.rounding import EXACT_BASIS_DIM, principal_basis
+    g = torch.Generator().manual_seed(11)
+    m, n = EXACT_BASIS_DIM + 88, 2 * EXACT_BASIS_DIM
+    w = 0.02 * torch.randn(m, n, generator=g)
+    w[:, :8] *= 4.0  # a few strong directions, the rest close together
+    low = torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g)  # rank 2 < k + oversampling
+    for mat, k in ((w, 3), (low, 2)):
+        u, v = principal_basis(mat, k)
+        uu, _, vv = torch.linalg.svd(mat.double(), full_matrices=False)
+        for i in range(k):
+            assert abs(float(u[:, i] @ uu[:, i])) > 1 - 1e-6
+            assert abs(float(v[:, i] @ vv[i])) > 1 - 1e-6
+        assert torch.isfinite(u).all() and torch.isfinite(v).all()
