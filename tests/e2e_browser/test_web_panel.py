@@ -30,8 +30,10 @@ from quant_core.demo import flux_specs, write_model
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CHROMIUM = os.environ.get("FP16LR_CHROMIUM", "/usr/bin/chromium")
-BIG = "fp16lr-web-bf16.safetensors"  # BF16, 100 tensors, 19 MB: several seconds at num_iter 0 on two CPU cores
-SMALL = "fp16lr-web-fp32.safetensors"  # FP32, 52 tensors, 4 MB: real rounding error, learned rounding on
+# BF16, ~440 tensors, ~0.4 GB: several seconds at num_iter 0 on two CPU cores (a 19 MB model converted
+# in about a second once the CPU path stopped page-faulting fresh buffers, too fast to watch between tensors)
+BIG = "fp16lr-web-bf16.safetensors"
+SMALL = "fp16lr-web-fp32.safetensors"  # FP32, ~60 tensors, ~16 MB: real rounding error, learned rounding on
 
 
 def _missing() -> str | None:
@@ -79,10 +81,10 @@ def models(server):
     os.makedirs(folder, exist_ok=True)
     big, small = os.path.join(folder, BIG), os.path.join(folder, SMALL)
     if not os.path.exists(big):
-        write_model(big, flux_specs(hidden=256, double_blocks=2, single_blocks=4, head_dim=64, context_dim=512,
-                                    vec_dim=128), torch.bfloat16, seed=3)
+        write_model(big, flux_specs(hidden=512, double_blocks=10, single_blocks=24, head_dim=64, context_dim=1024,
+                                    vec_dim=256), torch.bfloat16, seed=3)
     if not os.path.exists(small):
-        write_model(small, flux_specs(hidden=128, double_blocks=1, single_blocks=1, head_dim=32, context_dim=256,
+        write_model(small, flux_specs(hidden=256, double_blocks=1, single_blocks=2, head_dim=64, context_dim=256,
                                       vec_dim=96), torch.float32, seed=5)
     deadline = time.time() + 60
     while time.time() < deadline:
