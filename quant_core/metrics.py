@@ -128,25 +128,25 @@ def _measure_rtn_exact_source(w: torch.Tensor, scale: float,
     dmax = torch.zeros(max(rows, 1), dtype=torch.float32)
     for r, (i, j) in enumerate(_chunks(n, w.device, step)):
         k = j - i
-        fc, gc, hc, qc, out = f[:k], g[:k], h[:k], q_flat[i:j], sums[r]
+        fc, gc, hc, qc, row = f[:k], g[:k], h[:k], q_flat[i:j], sums[r]
         fc.copy_(flat[i:j])
-        torch.dot(fc, fc, out=out[1])
+        torch.dot(fc, fc, out=row[1])
         if scale != 1.0:
             fc.mul_(inv)
         qc.copy_(fc)                      # the stored fp16 (round to nearest)
         fc.clamp_(-lim, lim)              # t: tiny source values, +-lim elsewhere
         gc.copy_(qc).clamp_(-lim, lim)    # tq: the same for the stored values
         torch.sub(gc, fc, out=hc)         # d = tq - t: the rounding error (scaled units)
-        torch.dot(hc, hc, out=out[0])
+        torch.dot(hc, hc, out=row[0])
         dmax[r] = hc.abs_().amax()
         torch.sign(hc, out=hc)
-        torch.dot(hc, hc, out=out[2])     # inexact elements
+        torch.dot(hc, hc, out=row[2])     # inexact elements
         torch.sign(fc, out=hc)
-        torch.dot(hc, hc, out=out[3])     # nonzero source elements
+        torch.dot(hc, hc, out=row[3])     # nonzero source elements
         torch.sign(gc, out=hc)
-        torch.dot(hc, hc, out=out[4])     # nonzero stored elements
+        torch.dot(hc, hc, out=row[4])     # nonzero stored elements
         gc.abs_().mul_(1.0 / lim).floor_()
-        out[5] = gc.sum()                 # stored |q| >= 2^-14 (|tq| == lim exactly there)
+        row[5] = gc.sum()                 # stored |q| >= 2^-14 (|tq| == lim exactly there)
     e_sq, w_sq, inexact, nz_w, nz_q, normal = sums.double().sum(0).tolist()
     e_sq *= scale * scale
     below = n - normal  # stored |q| < 2^-14, zeros included

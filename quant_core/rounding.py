@@ -169,10 +169,11 @@ def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _eigh_small(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """eigh of a small (<= a few hundred) symmetric float64 matrix where it lives. On a GPU machine a round trip to
-    the CPU's LAPACK measured 10-25 ms per call (thread-pool start-up on a 16-core host) against well under 1 ms on
-    the device. Eigenvector signs and the basis of a repeated eigenvalue may differ between devices; nothing
-    downstream depends on them (u and v are built from the same vectors, and ||U^T E V|| is invariant)."""
+    """eigh of a small (<= a few hundred) symmetric float64 matrix where it lives (no host copy). Measured on an
+    H100 host for 63x63: 0.85 ms on the device, 0.42 ms as a round trip to the CPU's LAPACK; three calls per tensor,
+    so the choice is worth ~1 ms either way. Eigenvector signs and the basis of a repeated eigenvalue may differ
+    between devices; nothing downstream depends on them (u and v are built from the same vectors, and
+    ||U^T E V|| is invariant)."""
     return torch.linalg.eigh(gram)
 
 
