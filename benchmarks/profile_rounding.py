@@ -22,8 +22,10 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=2, default=[3072, 12288])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--eigh-on-device", action="store_true", help="small eigh with cuSOLVER instead of the CPU")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    R.SMALL_EIGH_ON_CPU = not args.eigh_on_device
     g = torch.Generator().manual_seed(0)
     w = (0.02 * torch.randn(*args.shape, generator=g)).to(dev)
 
@@ -66,6 +68,10 @@ def main() -> None:
         sync()
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    if dev.type == "cuda":
+        evs = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"device kernels: {sum(e.count for e in evs)} launches, "
+              f"{sum(e.self_device_time_total for e in evs) / 1e3:.2f} ms of device time")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     with torch.profiler.profile(activities=acts) as prof:
         R.principal_basis(w, 1)

@@ -35,6 +35,7 @@ MAX_PASSES = 4           # refinement passes; num_iter caps this, beyond it the 
 BASIS_ITERS = 8          # block Krylov steps for the top-k basis (each: two skinny products with W)
 OVERSAMPLE = 6           # extra vectors per Krylov block
 BASIS_SEED = 20240601
+SMALL_EIGH_ON_CPU = True  # small eigen-decompositions of the basis on the CPU even when W is on a GPU (see _eigh_small)
 EXACT_BASIS_DIM = 512    # up to this short side the exact basis (eigh of the small Gram matrix) is used
 NEGLIGIBLE_REL = 2.0 ** -20  # RTN relF below this (e.g. BF16 at scale 1: only subnormals inexact): keep RTN
 # The gain/cost ratio is binned by its float64 bit pattern: sign-free exponent plus the top 5 mantissa bits, i.e.
@@ -169,12 +170,15 @@ def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _eigh_small(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """eigh of a small (<= a few hundred) symmetric float64 matrix where it lives (no host copy). Measured on an
-    H100 host for 63x63: 0.85 ms on the device, 0.42 ms as a round trip to the CPU's LAPACK; three calls per tensor,
-    so the choice is worth ~1 ms either way. Eigenvector signs and the basis of a repeated eigenvalue may differ
-    between devices; nothing downstream depends on them (u and v are built from the same vectors, and
-    ||U^T E V|| is invariant)."""
-    return torch.linalg.eigh(gram)
+    """eigh of a small (<= a few hundred) symmetric float64 matrix, always with the CPU's LAPACK. Measured on an
+    H100 host for 63x63: a round trip to the CPU 0.42 ms, cuSOLVER on the device 0.85 ms and ~60 kernel launches.
+    The same routine on every device also keeps CPU and GPU bases alike. (Eigenvector signs and the basis of a
+    repeated eigenvalue never matter downstream: u and v are built from the same vectors, and ||U^T E V|| is
+    invariant.)"""
+    if gram.device.type == "cpu" or not SMALL_EIGH_ON_CPU:
+        return torch.linalg.eigh(gram)
+    lam, vecs = torch.linalg.eigh(gram.cpu())  # cuSOLVER's syevd is ~60 small kernels per call
+    return lam.to(gram.device), vecs.to(gram.device)
 
 
 def _orthonormalize_block(y: torch.Tensor) -> torch.Tensor:
@@ -290,8 +294,12 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     # (cost 0) are still ranked among themselves by their gain
     cost = d * (2.0 * e + d) + TIE_COST * d * d
     pick = _tiebreak(flat)
+    # flipping pool element n changes M by d_n u_{row n} v_{col n}^T: its [k*k] pattern, fixed for the whole search
+    # (one product per pass then gives every element's gain, and one more the change of M of each step's prefix)
     ud = u.index_select(0, rows)              # [N, k] rows of U and V each pool element touches
     vc = v.index_select(0, cols)
+    change = (ud[:, :, None] * vc[:, None, :]).reshape(len(d), k * k) * d[:, None]
+    del ud, vc
     flipped = torch.zeros(flat.numel(), dtype=torch.bool, device=dev)
     spread = NBINS + (torch.arange(flat.numel(), device=dev) % SPREAD)
     budget = FROB_BUDGET * rtn_sq
@@ -306,16 +314,20 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         # a set of flips whose summed gain is ||M||^2 would take M to zero if all its parts were aligned
         gain_unit = FIXED_ONE / (mat * mat).sum().clamp_min(1e-300)
         cost_unit = FIXED_ONE / (budget - spent).clamp_min(1e-300)
-        gain = -((ud @ mat) * vc).sum(1) * d
+        gain = -(change @ mat.reshape(-1))
         cand = (gain > 0) & (gain * gain_unit < FIXED_ONE) & (cost * cost_unit <= FIXED_ONE) & ~flipped
         b = (NBINS - 1) - ((gain / cost).view(torch.int64) >> MANTISSA_SHIFT)  # bin 0: the best ratios
         index = torch.where(cand, b, spread)
-        gain_hist = torch.zeros(NBINS + SPREAD, dtype=torch.int64, device=dev)
-        cost_hist = torch.zeros(NBINS + SPREAD, dtype=torch.int64, device=dev)
-        gain_hist.scatter_add_(0, index, torch.where(cand, (gain * gain_unit).floor_(), 0.0).long())
-        cost_hist.scatter_add_(0, index, torch.where(cand, (cost * cost_unit).ceil_(), 0.0).long())
-        cum_gain = torch.cumsum(gain_hist[:NBINS], 0)
-        by_cost = torch.count_nonzero(torch.cumsum(cost_hist[:NBINS], 0) <= FIXED_ONE)
+        # gain and cost histograms side by side, filled by one integer scatter (exact and order-free); rows, so
+        # that the cumulative sums run along the contiguous dimension (a scan across rows is ~100x slower on CUDA)
+        width = NBINS + SPREAD
+        fixed = torch.cat([(gain * gain_unit).floor_(), (cost * cost_unit).ceil_()])
+        hist = torch.zeros(2, width, dtype=torch.int64, device=dev)
+        hist.view(-1).scatter_add_(0, torch.cat([index, index + width]),
+                                   torch.where(torch.cat([cand, cand]), fixed, 0.0).long())
+        cum = torch.cumsum(hist[:, :NBINS], 1)
+        gain_hist, cum_gain = hist[0, :NBINS], cum[0]
+        by_cost = torch.count_nonzero(cum[1] <= FIXED_ONE)
         # nested prefixes of the ranking (full first-order step, then shorter ones); the one that leaves the
         # smallest ||M|| is taken, or none: each pass can only lower the objective
         # all STEPS at once (a handful of kernels, not a dozen per step: on a GPU the launches cost more than
@@ -325,8 +337,7 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         inside = (b[None] < idx[:, None]) | ((b[None] == idx[:, None]) & (pick[None] < frac[:, None]))
         level = (inside & affordable[None]).sum(0)
         onehot = (level[:, None] == levels[None]).double()  # [N, S]: column r - 1 marks level == r
-        per_level = ((ud[:, None, :] * (onehot * d[:, None])[:, :, None]).reshape(len(d), -1).T @ vc)
-        per_level = per_level.view(len(STEPS), k, k)        # contribution of the elements of each level
+        per_level = (onehot.T @ change).view(len(STEPS), k, k)  # change of M by the elements of each level
         zero_mat = torch.zeros(1, k, k, dtype=torch.float64, device=dev)
         # prefix r holds the elements with level >= r: suffix sums, last entry "no flips"
         dmat = torch.cat([per_level.flip(0).cumsum(0).flip(0), zero_mat])
