@@ -73,6 +73,18 @@ def main() -> None:
         print(f"device kernels: {sum(e.count for e in evs)} launches, "
               f"{sum(e.self_device_time_total for e in evs) / 1e3:.2f} ms of device time")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    if dev.type == "cuda":
+        def count(fn):
+            with torch.profiler.profile(activities=acts) as p:
+                fn()
+                sync()
+            evs = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            return sum(e.count for e in evs), sum(e.self_device_time_total for e in evs) / 1e3
+        for name, fn in [("basis", lambda: R.principal_basis(w, 1)), ("pool", lambda: R._candidate_pool(w)),
+                         ("all", lambda: R.round_to_fp16(w, top_k=1, num_iter=256)),
+                         ("1 pass", lambda: R.round_to_fp16(w, top_k=1, num_iter=1))]:
+            n, ms = count(fn)
+            print(f"  launches {name:8s} {n:5d}  device {ms:6.2f} ms")
     with torch.profiler.profile(activities=acts) as prof:
         R.principal_basis(w, 1)
         sync()

@@ -307,9 +307,12 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
 
     targets = torch.tensor([int(t * FIXED_ONE) for t in STEPS], dtype=torch.int64, device=dev)
     levels = torch.arange(1, len(STEPS) + 1, device=dev)
-    done_passes = 0
-    for _ in range(passes):
-        _check(cancel)
+    chosen = torch.zeros((), dtype=torch.int64, device=dev)  # the step the last pass took (len(STEPS): none)
+    width = NBINS + SPREAD
+
+    def one_pass() -> None:
+        """One refinement pass. Reads and updates `mat`, `spent`, `flipped`, `chosen` in place and never waits
+        for the host."""
         # first order: flipping element (i, j) changes M by d_ij u_i v_j^T and ||M||^2 by 2 d_ij (U M V^T)_ij;
         # a set of flips whose summed gain is ||M||^2 would take M to zero if all its parts were aligned
         gain_unit = FIXED_ONE / (mat * mat).sum().clamp_min(1e-300)
@@ -320,7 +323,6 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         index = torch.where(cand, b, spread)
         # gain and cost histograms side by side, filled by one integer scatter (exact and order-free); rows, so
         # that the cumulative sums run along the contiguous dimension (a scan across rows is ~100x slower on CUDA)
-        width = NBINS + SPREAD
         fixed = torch.cat([(gain * gain_unit).floor_(), (cost * cost_unit).ceil_()])
         hist = torch.zeros(2, width, dtype=torch.int64, device=dev)
         hist.view(-1).scatter_add_(0, torch.cat([index, index + width]),
@@ -328,29 +330,33 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         cum = torch.cumsum(hist[:, :NBINS], 1)
         gain_hist, cum_gain = hist[0, :NBINS], cum[0]
         by_cost = torch.count_nonzero(cum[1] <= FIXED_ONE)
-        # nested prefixes of the ranking (full first-order step, then shorter ones); the one that leaves the
-        # smallest ||M|| is taken, or none: each pass can only lower the objective
-        # all STEPS at once (a handful of kernels, not a dozen per step: on a GPU the launches cost more than
-        # the work): level = in how many of the nested prefixes an element is
+        # nested prefixes of the ranking (full first-order step, then shorter ones), all at once: level = in how
+        # many of the prefixes an element is. The prefix that leaves the smallest ||M|| is taken, or none: each
+        # pass can only lower the objective
         affordable = cand & (b < by_cost)
         idx, frac = _cuts(cum_gain, gain_hist, targets)
         inside = (b[None] < idx[:, None]) | ((b[None] == idx[:, None]) & (pick[None] < frac[:, None]))
         level = (inside & affordable[None]).sum(0)
         onehot = (level[:, None] == levels[None]).double()  # [N, S]: column r - 1 marks level == r
         per_level = (onehot.T @ change).view(len(STEPS), k, k)  # change of M by the elements of each level
-        zero_mat = torch.zeros(1, k, k, dtype=torch.float64, device=dev)
         # prefix r holds the elements with level >= r: suffix sums, last entry "no flips"
-        dmat = torch.cat([per_level.flip(0).cumsum(0).flip(0), zero_mat])
-        dcost = torch.cat([(onehot.T @ cost).flip(0).cumsum(0).flip(0), zero_mat.new_zeros(1)])
+        dmat = torch.cat([per_level.flip(0).cumsum(0).flip(0), per_level.new_zeros(1, k, k)])
+        dcost = torch.cat([(onehot.T @ cost).flip(0).cumsum(0).flip(0), cost.new_zeros(1)])
         resid = ((mat + dmat) ** 2).sum((1, 2))  # entry i < len(STEPS): prefix i + 1; the last: no flips
-        i = len(STEPS) - torch.argmin(resid.flip(0))  # ties go to fewer flips
-        flipped |= level >= i + 1
-        mat = mat + dmat[i]
-        spent = spent + dcost[i]
+        i = (len(STEPS) - torch.argmin(resid.flip(0))).view(1)  # ties go to fewer flips
+        flipped.logical_or_(level >= i + 1)
+        mat.add_(dmat.index_select(0, i)[0])
+        spent.add_(dcost.index_select(0, i)[0])
+        chosen.copy_(i[0])
+
+    done_passes = 0
+    for _ in range(passes):
+        _check(cancel)
+        one_pass()
         done_passes += 1
         # a pass that flips nothing leaves the state as it was, so every later pass would repeat it: on the CPU,
         # where asking costs nothing, stop (same bytes); on a GPU the remaining passes run without a host sync
-        if dev.type == "cpu" and int(i) == len(STEPS):
+        if dev.type == "cpu" and int(chosen) == len(STEPS):
             break
 
     sel = torch.zeros(m * n, dtype=torch.bool, device=dev)
