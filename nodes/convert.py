@@ -7,7 +7,7 @@ import os
 
 import comfy.model_management
 
-from ..quant_core import ConversionError, ConvertOptions, convert_file
+from ..quant_core import ConversionError, ConvertOptions, convert, convert_file
 from ..quant_core.format import default_output_path
 from . import paths
 from .progress import ConversionProgress
@@ -72,10 +72,13 @@ def conversion_options(num_iter: int, top_k: int, calib_samples: int, t5xxl: boo
                           **extra)
 
 
-def run_conversion(src: str, dst: str, options: ConvertOptions, progress: ConversionProgress) -> dict:
-    """`convert_file` with the node's progress and cancel; failures are reported to the UI, then re-raised."""
+def run_conversion(src, dst: str, options: ConvertOptions, progress: ConversionProgress) -> dict:
+    """`convert_file` (src: a path) or `convert` (src: a tensor source such as the graph's weights) with the
+    node's progress and cancel; failures are reported to the UI, then re-raised."""
     try:
-        return convert_file(src, dst, options, on_event=progress.on_event, cancel=progress.cancel)
+        if isinstance(src, str):
+            return convert_file(src, dst, options, on_event=progress.on_event, cancel=progress.cancel)
+        return convert(src, dst, options, on_event=progress.on_event, cancel=progress.cancel)
     except BaseException as e:
         progress.failed(e)
         raise

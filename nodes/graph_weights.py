@@ -1,20 +1,19 @@
 """The weights of a model as the graph sees it (LoRAs and other weight patches applied), one tensor at a time.
 
-The converter reads safetensors files, so a model from the graph is first streamed into a temporary source file
-beside the output: each weight is patched in float32 on its own and written, so memory grows by about one tensor,
-not by a model. Patched and rescaled weights are written as float32 so that the LoRA delta is not rounded twice.
+The converter streams them like a file (`quant_core.sources.StateDictSource`): each weight is patched in float32 on
+its own when the converter reads it, so memory grows by a few tensors, not by a model, and nothing is written but
+the output. Patched and rescaled weights are handed over as float32 so that the LoRA delta is not rounded twice.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import comfy.lora
 import torch
 
-from ..quant_core.safetensors_io import TORCH_TO_ST, StreamingWriter
+from ..quant_core.sources import StateDictSource
 
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 # parameters that exist only inside ComfyUI (markers of scaled-fp8 ops)
@@ -88,21 +87,8 @@ def _has_scale(patcher, key: str) -> bool:
     return isinstance(scale, torch.Tensor)
 
 
-def write_source_file(tensors: list[GraphTensor], path: str, metadata: dict[str, str] | None = None,
-                      on_tensor: Callable[[int, int], None] | None = None) -> str:
-    """Stream `tensors` into safetensors file `path`; `on_tensor(done, total)` after each (it may raise to cancel,
-    leaving no file)."""
-    entries = [(t.key, TORCH_TO_ST[t.dtype], t.shape) for t in tensors]
-    with StreamingWriter(path, entries, metadata, overwrite=True) as writer:
-        for i, t in enumerate(tensors, 1):
-            writer.write(t.key, t.read())
-            if on_tensor is not None:
-                on_tensor(i, len(tensors))
-        writer.commit()
-    return path
-
-
-def source_path_for(output_path: str) -> str:
-    """A temporary source file beside the output, hidden from ComfyUI's dropdowns (not a model extension)."""
-    folder, name = os.path.split(output_path)
-    return os.path.join(folder, f".{name}.graph-weights.partial")
+def graph_source(tensors: list[GraphTensor], name: str) -> StateDictSource:
+    """The converter's view of `tensors`: each one is computed (patched, moved to the CPU) only when the converter
+    reads it, on its prefetch thread."""
+    by_key = {t.key: t for t in tensors}
+    return StateDictSource(name, {t.key: (t.dtype, t.shape) for t in tensors}, lambda key: by_key[key].read())

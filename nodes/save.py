@@ -8,7 +8,7 @@ from ..quant_core.errors import ConversionError
 from . import paths
 from .convert import (CATEGORY, HIDDEN, conversion_options, conversion_widgets, node_result, optional_widgets,
                       run_conversion)
-from .graph_weights import graph_tensors, source_path_for, write_source_file
+from .graph_weights import graph_source, graph_tensors
 from .progress import ConversionProgress
 
 # ComfyUI's text-encoder attribute names inside a CLIP; T5XXL rules only make sense for T5 encoders
@@ -17,15 +17,18 @@ T5_ENCODERS = ("t5xxl", "t5base", "t5", "pile_t5xl", "mt5xl", "umt5xxl", "t5xl")
 
 def save_graph_model(parts: list[tuple[str, list]], kind: str, output_name: str, widgets: dict,
                      calibration: str | None, scaled_fp8_marker: bool, unique_id: str | None) -> dict:
-    """Write each part's weights to a temporary source file and convert it; returns the node result.
+    """Convert each part's weights straight from the graph and save it; returns the node result.
 
-    `parts` lists (name suffix, tensors); with more than one part each is saved as `<output_name>_<suffix>`.
+    Each tensor is computed (patched) only when the converter asks for it, so neither a second copy of the model
+    nor a temporary copy of the weights on disk
+    ever exists. `parts` lists (name suffix, tensors); with more than one part each is saved
+    as `<output_name>_<suffix>`.
     """
-    steps_total = 2 * sum(len(t) for _, t in parts)
+    steps_total = sum(len(t) for _, t in parts)
     steps_done = 0
     saved, summaries = [], []
     for suffix, tensors in parts:
-        progress = ConversionProgress(unique_id, steps_before=steps_done + len(tensors), steps_total=steps_total)
+        progress = ConversionProgress(unique_id, steps_before=steps_done, steps_total=steps_total)
         try:
             name = output_name.strip() or "model"
             if len(parts) > 1:
@@ -37,18 +40,12 @@ def save_graph_model(parts: list[tuple[str, list]], kind: str, output_name: str,
                                          scaled_fp8_marker)
             if not tensors:
                 raise ConversionError(f"{saved_name}: the {suffix} part of the graph model has no weights")
-            source = source_path_for(dst)
-            write_source_file(tensors, source, {"scaled_fp16.graph_source": os.path.basename(dst)},
-                              on_tensor=lambda i, n, base=steps_done: progress.step(base + i, steps_total))
+            source = graph_source(tensors, f"ComfyUI graph ({suffix})")
         except BaseException as e:
             progress.failed(e)
             raise
-        try:
-            report = run_conversion(source, dst, options, progress)
-        finally:
-            if os.path.exists(source):
-                os.unlink(source)
-        steps_done += 2 * len(tensors)
+        report = run_conversion(source, dst, options, progress)
+        steps_done += len(tensors)
         saved.append(saved_name)
         summaries.append(progress.finished(report, saved_name))
     paths.refresh_file_list(kind)

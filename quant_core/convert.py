@@ -301,14 +301,15 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
           "settings": options.settings(), "device": str(device)})
     with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer:
         keys = [i.key for i in items if i.action != fmt.REMOVE]
-        in_pool = out_pool = None
         cuda = device.type == "cuda"
+        # reusable host buffers: results for any source; reads only where the source can read into a buffer.
+        # CPU: one buffer per tensor in flight (prefetch queue + the one in use; written-out ones come back)
+        count = 2 if cuda else 3
+        biggest_q = max((2 * math.prod(i.shape) for i in items if i.action == fmt.QUANTIZE), default=0)
+        out_pool = _BufferPool(biggest_q, count, pin=cuda) if biggest_q else None
+        in_pool = None
         if isinstance(reader, SafetensorsReader):
-            biggest = max((i.nbytes for i in items), default=1)
-            biggest_q = max((2 * math.prod(i.shape) for i in items if i.action == fmt.QUANTIZE), default=1)
-            # CPU: one buffer per tensor in flight (prefetch queue + the one in use; written-out ones come back)
-            in_pool = _BufferPool(biggest, 2 if cuda else 3, pin=cuda)
-            out_pool = _BufferPool(biggest_q, 2 if cuda else 3, pin=cuda)
+            in_pool = _BufferPool(max((i.nbytes for i in items), default=1), count, pin=cuda)
         prefetch = _Prefetcher(reader, keys, pool=in_pool)
         out = _WriterThread(writer)
         bias_deltas: dict[str, torch.Tensor] = {}
@@ -349,7 +350,7 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
                         torch.cuda.current_stream(device).synchronize()
                         out.put(item.key, host, lambda b=obuf: out_pool.release(b))
                     else:
-                        out.put(item.key, q)
+                        out.put(item.key, q.cpu())
                     out.put(item.outputs[1][0], scale_t)
                     if rules.t5xxl:
                         out.put(item.outputs[2][0], scale_t.clone())

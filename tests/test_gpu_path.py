@@ -27,3 +27,16 @@ def test_cpu_and_gpu_write_identical_bytes(tmp_path, kind, settings):
         convert_file(src, out, ConvertOptions(device=device, t5xxl=kind.startswith("t5"), **settings))
         outs.append(open(out, "rb").read())
     assert outs[0] == outs[1]
+
+
+def test_tensor_source_on_gpu_writes_the_same_bytes(tmp_path):
+    """Tensors from memory (the save nodes' path: a graph model's weights) on the GPU: same bytes as the CPU."""
+    from quant_core import StateDictSource, convert
+    g = torch.Generator().manual_seed(8)
+    tensors = {k: (0.02 * torch.randn(s, generator=g)) for k, s in small_flux_specs(hidden=256)}
+    outs = []
+    for device in ("cpu", "cuda"):
+        out = str(tmp_path / f"{device}.safetensors")
+        convert(StateDictSource.from_tensors("graph", tensors), out, ConvertOptions(device=device))
+        outs.append(open(out, "rb").read())
+    assert outs[0] == outs[1]

@@ -50,6 +50,11 @@ def read(path):
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+def safe_open_metadata(path):
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
 def convert_kwargs(**kw):
     args = dict(num_iter=0, top_k=1, calib_samples=3072, t5xxl=False, keep_distillation=False, output_name="",
                 overwrite=False)
@@ -366,14 +371,16 @@ def test_save_model_applies_patches_streams_and_cleans_up(comfy):
     out = node(pack, "ScaledFP16SaveModel").save(patcher, unique_id="9", **convert_kwargs(output_name="lora-merged"))
     assert out["result"] == ("lora-merged.safetensors",)
     folder = os.path.join(pack.base, "output", "diffusion_models")
-    assert os.listdir(folder) == ["lora-merged.safetensors"]  # the temporary source file is gone
+    assert os.listdir(folder) == ["lora-merged.safetensors"]  # nothing else was written
     saved = read(os.path.join(folder, "lora-merged.safetensors"))
     assert "double_blocks.0.img_attn.qkv.weight" in saved and not any(k.startswith("diffusion_model.") for k in saved)
     expected = sd[key].float() + 0.5 * delta
     got = saved["double_blocks.0.img_attn.qkv.weight"].float() * saved["double_blocks.0.img_attn.qkv.scale_weight"]
     assert torch.allclose(got, expected, rtol=2 ** -10, atol=2 ** -24)
     n = len(sd)
-    assert rec.progress[-1][:2] == (2 * n, 2 * n)  # one bar over both phases
+    assert rec.progress[-1][:2] == (n, n)  # one bar, one step per tensor
+    meta = safe_open_metadata(os.path.join(folder, "lora-merged.safetensors"))
+    assert meta["scaled_fp16.source"] == "ComfyUI graph (model)"
     assert len(rec.of("fp16lr.report")) == 1
     cls = pack.NODE_CLASS_MAPPINGS["ScaledFP16SaveModel"]
     before = cls.IS_CHANGED(output_name="lora-merged")
@@ -381,7 +388,7 @@ def test_save_model_applies_patches_streams_and_cleans_up(comfy):
     assert cls.IS_CHANGED(output_name="lora-merged") != before  # a deleted output makes the node run again
 
 
-def test_save_model_cancel_while_writing_graph_weights_leaves_nothing(comfy):
+def test_save_model_cancel_during_conversion_leaves_nothing(comfy):
     pack, rec = comfy
     sd = {"diffusion_model." + k: torch.zeros(s, dtype=torch.bfloat16) for k, s in small_flux_specs()}
     rec.interrupt_after = 3
