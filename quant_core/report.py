@@ -22,6 +22,9 @@ class Summary:
         self._bf16_exact = self._bf16_n = 0.0
         self._changed = self._n = 0.0
         self.biases_corrected = 0
+        self._topk: list[float] = []           # top-k error ratio of tensors the default mode worked on
+        self._out: list[float] = []            # output error ratio (calibrated mode)
+        self._out_bias: list[float] = []       # the same with the corrected bias
 
     def add(self, event: dict) -> None:
         self.counts[event["action"]] += 1
@@ -35,6 +38,12 @@ class Summary:
         self._w += m["w_sq"]
         self._changed += m["changed_vs_rtn"] * m["numel"]
         self._n += m["numel"]
+        if m.get("method") == "topk" and m.get("iterations", 0) > 0:
+            self._topk.append(m["topk_ratio"])
+        if "output_error_ratio" in m:
+            self._out.append(m["output_error_ratio"])
+        if "output_error_ratio_bias_corrected" in m:
+            self._out_bias.append(m["output_error_ratio_bias_corrected"])
         if event["dtype"] == "bfloat16":
             self._bf16_exact += m["bit_exact_fraction"] * m["numel"]
             self._bf16_n += m["numel"]
@@ -60,10 +69,24 @@ class Summary:
             "changed_vs_rtn": self._changed / self._n if self._n else 0.0,
             "bit_exact_fraction_bf16": self._bf16_exact / self._bf16_n if self._bf16_n else None,
             "biases_corrected": self.biases_corrected,
+            "bias_correction": (f"calibration means ({self.biases_corrected} biases)" if self.biases_corrected else
+                                "none: no calibration file (zero-mean synthetic rows would only add noise)"
+                                if not self.settings.get("calibration") else "none: no bias matched a calibrated layer"),
+            "learned": {
+                "topk_tensors": len(self._topk),
+                "topk_ratio_mean": _mean(self._topk),
+                "calibrated_tensors": len(self._out),
+                "output_error_ratio_mean": _mean(self._out),
+                "output_error_ratio_bias_corrected_mean": _mean(self._out_bias),
+            },
             "worst": [{k: t[k] for k in ("key", "rel_error", "rtn_rel_error", "error_ratio")} for t in worst],
             "seconds": seconds,
             "tensors": self.tensors,
         }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def compact(report: dict) -> dict:
@@ -95,8 +118,21 @@ def format_summary(report: dict) -> str:
     ]
     if report["bit_exact_fraction_bf16"] is not None:
         lines.append(f"bf16 sources: {report['bit_exact_fraction_bf16'] * 100:.4f}% of elements bit-exact")
-    if report["biases_corrected"]:
-        lines.append(f"biases corrected with calibration means: {report['biases_corrected']}")
+    learned = report["learned"]
+    if learned["topk_tensors"]:
+        k = report["settings"].get("top_k", 1)
+        lines.append(f"learned rounding: error along the top-{k} principal directions "
+                     f"{learned['topk_ratio_mean']:.3f}x RTN's (mean over {learned['topk_tensors']} tensors)")
+    elif not learned["calibrated_tensors"] and report["settings"].get("num_iter", 0) > 0:
+        lines.append("learned rounding: nothing to improve (every weight is exact in fp16 or its round-to-nearest "
+                     "error is negligible, as for BF16 weights)")
+    if learned["calibrated_tensors"]:
+        line = (f"calibrated rounding: output error {learned['output_error_ratio_mean']:.3f}x RTN's "
+                f"(mean over {learned['calibrated_tensors']} tensors)")
+        if learned["output_error_ratio_bias_corrected_mean"] is not None:
+            line += f", {learned['output_error_ratio_bias_corrected_mean']:.3f}x with corrected biases"
+        lines.append(line)
+    lines.append(f"bias correction: {report['bias_correction']}")
     if report["worst"]:
         lines.append("worst tensors (relF, ratio vs RTN):")
         lines += [f"  {w['key']}: {w['rel_error']:.3e} ({w['error_ratio']:.3f})" for w in report["worst"]]

@@ -18,6 +18,7 @@ from conftest import minilm_dir
 from quant_core import ConvertOptions, convert_file, load_dequantized_state_dict
 from quant_core import capture as capture_mod
 from quant_core.calibration import bias_correction, load_calibration, output_errors
+from quant_core.report import format_summary
 from quant_core.rounding import neighbours, round_to_fp16
 
 CALIB_MODULES = ["argparse", "logging", "collections", "subprocess", "threading", "shutil", "tarfile", "zipfile",
@@ -182,6 +183,16 @@ def test_end_to_end_held_out_hidden_state(tmp_path, minilm_calibration):
                 b_new, b_old = f.get_tensor("encoder.layer.3.output.dense.bias"), g.get_tensor(
                     "encoder.layer.3.output.dense.bias")
             assert not torch.equal(b_new, b_old)  # the bias was corrected
+            # the report says what the calibrated step did, measured on the held-out statistics
+            learned = report["learned"]
+            gptq = [t for t in report["tensors"] if t.get("method") == "gptq"]
+            assert learned["calibrated_tensors"] == len(gptq) >= 36
+            assert learned["output_error_ratio_mean"] == pytest.approx(
+                sum(t["output_error_ratio"] for t in gptq) / len(gptq)) and learned["output_error_ratio_mean"] < 1
+            print("calibrated report:", learned)
+            assert learned["output_error_ratio_bias_corrected_mean"] <= 0.75
+            assert report["bias_correction"].startswith(f"calibration means ({report['biases_corrected']} biases)")
+            assert report["biases_corrected"] >= 36
     assert errors["calibrated"] <= 0.8 * errors["rtn"], errors
 
 
@@ -191,6 +202,8 @@ def test_synthetic_calibration_changes_no_bias(tmp_path):
     out = str(tmp_path / "synthetic.safetensors")
     report = convert_file(src, out, ConvertOptions(calib_samples=512))
     assert report.get("biases_corrected", 0) == 0
+    assert report["bias_correction"].startswith("none: no calibration file")
+    assert "bias correction: none" in format_summary(report)
     with safe_open(out, "pt") as f, safe_open(src, "pt") as g:
         for key in g.keys():
             if key.endswith(".bias"):

@@ -86,3 +86,22 @@ def test_state_dict_source_rejects_mismatch(tmp_path):
     with pytest.raises(ConversionError, match="'a.weight'"):
         convert(src, str(tmp_path / "o.safetensors"), ConvertOptions(num_iter=0))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_says_what_the_learned_step_did(flux_bf16, t5_fp32, tmp_path):
+    """FP32 weights: the report's learned figures are the per-tensor top-k ratios, averaged; BF16 weights (exact in
+    fp16): it says there was nothing to improve. Without a calibration file no bias changes, and the report says why."""
+    fp32 = convert_file(t5_fp32, str(tmp_path / "t5.safetensors"), ConvertOptions(t5xxl=True))
+    worked = [t["topk_ratio"] for t in fp32["tensors"] if t.get("method") == "topk" and t.get("iterations", 0) > 0]
+    learned = fp32["learned"]
+    assert learned["topk_tensors"] == len(worked) > 0
+    assert abs(learned["topk_ratio_mean"] - sum(worked) / len(worked)) < 1e-12 and learned["topk_ratio_mean"] < 0.5
+    assert learned["calibrated_tensors"] == 0 and learned["output_error_ratio_mean"] is None
+    text = format_summary(fp32)
+    assert f"{learned['topk_ratio_mean']:.3f}x RTN's (mean over {len(worked)} tensors)" in text
+    assert fp32["biases_corrected"] == 0 and fp32["bias_correction"].startswith("none: no calibration file")
+    bf16 = convert_file(flux_bf16, str(tmp_path / "flux.safetensors"), ConvertOptions())
+    assert bf16["learned"]["topk_tensors"] == 0
+    assert "learned rounding: nothing to improve" in format_summary(bf16)
+    assert "nothing to improve" not in format_summary(
+        convert_file(flux_bf16, str(tmp_path / "rtn.safetensors"), ConvertOptions(num_iter=0)))

@@ -154,6 +154,14 @@ def check_report_text(text: str, report: dict) -> None:
         assert m is None, text
     else:
         assert m and _close(float(m.group(1)), report["bit_exact_fraction_bf16"] * 100, rel=0, abs_=5e-3), text
+    learned = report.get("learned") or {}
+    m = re.search(r"^learned: top-(\d+) error ([\d.e+-]+)× RTN \((\d+) tensors\)$", text, re.M)
+    if learned.get("topk_tensors"):
+        assert m, text
+        assert int(m.group(1)) == report["settings"]["top_k"] and int(m.group(3)) == learned["topk_tensors"]
+        assert _close(float(m.group(2)), learned["topk_ratio_mean"], rel=0.06, abs_=5e-4), (m.group(2), learned)
+    else:
+        assert m is None, text
     worst = re.findall(r"^  (\S+) ([\d.e+-]+) \(([\d.]+)×\)$", text, re.M)
     assert len(worst) == min(3, len(report["worst"])), text
     for (key, rel, ratio), w in zip(worst, report["worst"]):

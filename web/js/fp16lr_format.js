@@ -78,6 +78,12 @@ export function formatRatio(r, digits = 3) {
   return isNum(v) ? `${v.toFixed(digits)}×` : DASH;
 }
 
+/** A ratio that may be far below 1 (the learned top-k error): three decimals, or two significant digits below 0.01. */
+export function formatSmallRatio(r) {
+  const v = toNumber(r);
+  return isNum(v) && v > 0 && v < 0.01 ? `${v.toExponential(1)}×` : formatRatio(v);
+}
+
 /**
  * Seconds left. The event's own `eta_s` (linear in bytes, from the converter) wins; before it is known the estimate
  * comes from the bytes done so far and the elapsed time. Null when nothing can be said yet.
@@ -220,6 +226,19 @@ export function reportView(summary, { worstCount = 3, keyLength = 36, nameLength
     `relF ${formatSci(summary.rel_error)} vs RTN ${formatSci(summary.rtn_rel_error)} (${formatRatio(summary.error_ratio)})`,
   ];
   if (bitExact !== null && isNum(bitExact)) lines.push(`bit-exact (BF16 source): ${formatPercent(bitExact, 2)}`);
+  // what the learned step did (reports from before this field existed have no `learned`)
+  const learned = summary.learned || {};
+  const topkN = toNumber(learned.topk_tensors);
+  if (isNum(topkN) && topkN > 0) {
+    const k = toNumber(summary.settings?.top_k);
+    lines.push(`learned: top-${isNum(k) ? k : 1} error ${formatSmallRatio(learned.topk_ratio_mean)} RTN (${topkN} tensors)`);
+  }
+  const calN = toNumber(learned.calibrated_tensors);
+  if (isNum(calN) && calN > 0) {
+    const withBias = toNumber(learned.output_error_ratio_bias_corrected_mean);
+    lines.push(`calibrated: output ${formatRatio(learned.output_error_ratio_mean)} RTN` +
+      (isNum(withBias) ? `, ${formatRatio(withBias)} with bias` : "") + ` (${calN} tensors)`);
+  }
   const worst = (summary.worst || []).slice(0, worstCount).map((w) => ({
     key: shortenKey(w.key || "", keyLength),
     keyFull: w.key || "",

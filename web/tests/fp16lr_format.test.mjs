@@ -184,6 +184,15 @@ test("reportView: counts, size, error vs RTN, bit-exact share, worst tensors", (
   const lines = reportLines(report);
   assert.equal(lines[6], "worst (relF, × RTN):");
   assert.equal(lines.length, 10);
+  // what the learned step did: top-k ratio (default mode) and output error (calibrated), when the report has them
+  const learned = reportView({ ...report, settings: { top_k: 3 }, learned: { topk_tensors: 12, topk_ratio_mean: 0.0548,
+    calibrated_tensors: 36, output_error_ratio_mean: 0.8246, output_error_ratio_bias_corrected_mean: 0.6529 } }).lines;
+  assert.deepEqual(learned.slice(6), ["learned: top-3 error 0.055× RTN (12 tensors)",
+    "calibrated: output 0.825× RTN, 0.653× with bias (36 tensors)"]);
+  const tiny = reportView({ ...report, learned: { topk_tensors: 5, topk_ratio_mean: 0.000213 } }).lines;
+  assert.equal(tiny[6], "learned: top-1 error 2.1e-4× RTN (5 tensors)");
+  const none = reportView({ ...report, learned: { topk_tensors: 0, calibrated_tensors: 0 } }).lines;
+  assert.equal(none.length, 6);
   // a long output name is cut in the middle, keeping its extension
   const long = reportView({ ...report, output_name: "x".repeat(80) + ".safetensors" }, { nameLength: 30 }).lines[1];
   assert.equal(long.length, 32);
