@@ -39,8 +39,8 @@ def _json_safe(value):
 class ConversionProgress:
     """One conversion's link to the UI. Pass `on_event` and `cancel` to `convert_file`.
 
-    `steps_before`/`steps_total` let a node that does work before the conversion (saving a graph model first)
-    show one bar over both phases, in tensors.
+    `steps_before`/`steps_total` let a node that converts several parts in a row (a CLIP's encoders) show one bar
+    over all of them, in tensors.
     """
 
     def __init__(self, node_id: str | None, steps_before: int = 0, steps_total: int | None = None):
@@ -68,12 +68,6 @@ class ConversionProgress:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     # --- called by the nodes ---------------------------------------------------------------------------------
-
-    def step(self, done: int, total: int) -> None:
-        """Progress of work before the conversion (e.g. writing a graph model's weights), in tensors."""
-        self.steps_total = self.steps_total or total
-        self._bar().update_absolute(done, self._bar_total())
-        self.cancel()
 
     def finished(self, report: dict, output_name: str) -> dict:
         """Send the report; returns the summary for the node's `ui` output."""

@@ -19,10 +19,9 @@ def save_graph_model(parts: list[tuple[str, list]], kind: str, output_name: str,
                      calibration: str | None, scaled_fp8_marker: bool, unique_id: str | None) -> dict:
     """Convert each part's weights straight from the graph and save it; returns the node result.
 
-    Each tensor is computed (patched) only when the converter asks for it, so neither a second copy of the model
-    nor a temporary copy of the weights on disk
-    ever exists. `parts` lists (name suffix, tensors); with more than one part each is saved
-    as `<output_name>_<suffix>`.
+    Each tensor is computed (patched) only when the converter asks for it, so neither a second copy of the model in
+    memory nor a copy of its weights on disk ever exists. `parts` lists (name suffix, tensors); with more than one
+    part each is saved as `<output_name>_<suffix>`, under one progress bar.
     """
     steps_total = sum(len(t) for _, t in parts)
     steps_done = 0

@@ -51,6 +51,13 @@ class Summary:
         row.update({k: v for k, v in m.items() if k not in _INTERNAL})
         self.tensors.append(row)
 
+    def _bias_correction(self) -> str:
+        if self.biases_corrected:
+            return f"calibration means ({self.biases_corrected} biases)"
+        if not self.settings.get("calibration"):
+            return "none: no calibration file (zero-mean synthetic rows would only add noise)"
+        return "none: no bias matched a calibrated layer"
+
     def finish(self, bytes_out: int, seconds: float) -> dict:
         rel = (self._e / self._w) ** 0.5 if self._w > 0 else 0.0
         rtn = (self._r / self._w) ** 0.5 if self._w > 0 else 0.0
@@ -69,9 +76,7 @@ class Summary:
             "changed_vs_rtn": self._changed / self._n if self._n else 0.0,
             "bit_exact_fraction_bf16": self._bf16_exact / self._bf16_n if self._bf16_n else None,
             "biases_corrected": self.biases_corrected,
-            "bias_correction": (f"calibration means ({self.biases_corrected} biases)" if self.biases_corrected else
-                                "none: no calibration file (zero-mean synthetic rows would only add noise)"
-                                if not self.settings.get("calibration") else "none: no bias matched a calibrated layer"),
+            "bias_correction": self._bias_correction(),
             "learned": {
                 "topk_tensors": len(self._topk),
                 "topk_ratio_mean": _mean(self._topk),
@@ -122,7 +127,7 @@ def format_summary(report: dict) -> str:
     if learned["topk_tensors"]:
         k = report["settings"].get("top_k", 1)
         lines.append(f"learned rounding: error along the top-{k} principal directions "
-                     f"{learned['topk_ratio_mean']:.3f}x RTN's (mean over {learned['topk_tensors']} tensors)")
+                     f"{learned['topk_ratio_mean']:.3g}x RTN's (mean over {learned['topk_tensors']} tensors)")
     elif not learned["calibrated_tensors"] and report["settings"].get("num_iter", 0) > 0:
         lines.append("learned rounding: nothing to improve (every weight is exact in fp16 or its round-to-nearest "
                      "error is negligible, as for BF16 weights)")
