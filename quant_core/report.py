@@ -95,9 +95,13 @@ def _mean(values: list[float]) -> float | None:
 
 
 def compact(report: dict) -> dict:
-    """The report without the per-tensor list, plus the per-tensor error ratios (for UIs and charts)."""
+    """The report without the per-tensor list, plus the per-tensor error ratios (for UIs and charts): relF ratios
+    and top-k ratios."""
     out = {k: v for k, v in report.items() if k != "tensors"}
     out["ratios"] = [t["error_ratio"] for t in report["tensors"]]
+    # per tensor, the top-k error ratio where the default mode worked on the tensor (None elsewhere)
+    out["topk_ratios"] = [t.get("topk_ratio") if t.get("method") == "topk" and t.get("iterations", 0) > 0 else None
+                          for t in report["tensors"]]
     return out
 
 

@@ -100,6 +100,8 @@ def test_report_says_what_the_learned_step_did(flux_bf16, t5_fp32, tmp_path):
     text = format_summary(fp32)
     assert f"{learned['topk_ratio_mean']:.3g}x RTN's (mean over {len(worked)} tensors)" in text
     assert fp32["biases_corrected"] == 0 and fp32["bias_correction"].startswith("none: no calibration file")
+    ui = compact(fp32)  # what the node sends to the web panel: per-tensor top-k ratios for its chart
+    assert [r for r in ui["topk_ratios"] if r is not None] == worked and len(ui["topk_ratios"]) == len(ui["ratios"])
     bf16 = convert_file(flux_bf16, str(tmp_path / "flux.safetensors"), ConvertOptions())
     assert bf16["learned"]["topk_tensors"] == 0
     assert "learned rounding: nothing to improve" in format_summary(bf16)

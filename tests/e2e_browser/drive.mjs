@@ -102,7 +102,8 @@ async function panels(page) {
       [...document.querySelectorAll(".fp16lr-panel[data-fp16lr-node]")].map((el) => [
         el.dataset.fp16lrNode,
         { phase: el.dataset.phase ?? "idle", text: el.dataset.text ?? "", shown: el.isConnected && el.getBoundingClientRect().height > 0,
-          inVueNode: !!el.closest(".lg-node"), chartColumns: [...el.querySelectorAll("canvas")].map((c) => Number(c.dataset.columns || 0)) },
+          inVueNode: !!el.closest(".lg-node"), chartColumns: [...el.querySelectorAll("canvas")].map((c) => Number(c.dataset.columns || 0)),
+          chartLabels: [...el.querySelectorAll("canvas")].map((c) => c.dataset.label ?? "") },
       ]),
     ),
   );

@@ -214,7 +214,11 @@ def test_final_report_matches_node_json(server, drive):
         (report,) = _ui_reports(server, run["promptId"], node)
         check_report_text(run["final"][node]["text"], report)
         assert run["final"][node]["chartColumns"] and run["final"][node]["chartColumns"][0] > 0
-        assert len(report["ratios"]) == report["counts"]["quantized"]
+        assert len(report["ratios"]) == len(report["topk_ratios"]) == report["counts"]["quantized"]
+        # the chart shows the top-k ratio where the learned step worked (FP32), else the relF ratio (BF16)
+        learned = report["learned"]["topk_tensors"]
+        assert run["final"][node]["chartLabels"] == (
+            [f"top-{report['settings']['top_k']} error ÷ RTN per tensor"] if learned else ["error ÷ RTN per tensor"])
     big = run["final"][run["nodes"]["big"]]["text"]
     assert "bit-exact (BF16 source)" in big
     assert "bit-exact" not in run["final"][run["nodes"]["small"]]["text"]

@@ -278,8 +278,8 @@ const IDLE = Object.freeze({ phase: "idle", event: null, reports: [], error: nul
 /**
  * The panel's state after one message. A state is {phase: "idle" | "running" | "done" | "error", event (the last
  * tensor event of the part being converted), reports (summaries of the parts finished in this run: a CLIP with two
- * encoders gives two), error (one line), promptId, prepare ({value, max} while a save node writes graph weights
- * before converting)}. `message` is {kind, payload} with kind
+ * encoders gives two), error (one line), promptId, prepare ({value, max}: ComfyUI's own bar, in tensors, before this
+ * part's first tensor event)}. `message` is {kind, payload} with kind
  *   "start"    the node began executing (payload {prompt_id})
  *   "prepare"  ComfyUI's own progress of the node before its first tensor ({value, max})
  *   "progress" an fp16lr.progress message        "report" an fp16lr.report message
@@ -334,7 +334,7 @@ export function panelSections(state, options) {
     let lines;
     if (state.event) lines = progressLines(state.event, options);
     else if (state.prepare && state.prepare.value > 0 && state.prepare.max > 0) {
-      lines = [`Preparing weights ${state.prepare.value}/${state.prepare.max} · ${formatPercent(state.prepare.value / state.prepare.max)}`];
+      lines = [`Working ${state.prepare.value}/${state.prepare.max} tensors · ${formatPercent(state.prepare.value / state.prepare.max)}`];
     } else lines = ["Starting…"];
     return [{ lines, event: state.event }, ...saved];
   }
@@ -357,6 +357,20 @@ function niceRound(v, up) {
 }
 
 /**
+ * What the report's chart shows: the per-tensor top-k error ratio where the learned step worked (default mode: the
+ * relF ratio stays ~1.000 by design, the top-k ratio is what moved), else the relF ratio. Returns {ratios, label}.
+ */
+export function chartSeries(report) {
+  const topk = Array.isArray(report?.topk_ratios) ? report.topk_ratios : [];
+  const learnedN = toNumber(report?.learned?.topk_tensors);
+  if (isNum(learnedN) && learnedN > 0 && topk.some((v) => isNum(toNumber(v)))) {
+    const k = toNumber(report?.settings?.top_k);
+    return { ratios: topk, label: `top-${isNum(k) ? k : 1} error ÷ RTN per tensor` };
+  }
+  return { ratios: Array.isArray(report?.ratios) ? report.ratios : [], label: "error ÷ RTN per tensor" };
+}
+
+/**
  * Geometry of the per-tensor error-ratio chart (ratio vs RTN per quantized tensor, in file order), in pixels of a
  * `width` x `height` drawing. The y range always includes 1 (RTN); ratios above the upper bound (a robust 98th
  * percentile with headroom, so one outlier cannot flatten the rest) are clamped to the top and flagged. When there
@@ -364,6 +378,8 @@ function niceRound(v, up) {
  *
  * Returns {n, finite, better, yLow, yHigh, refY, columns: [{x, yTop, yBottom, mean, clipped}], ticks: [{value, y}]}
  */
+const MIN_TICK_GAP_PX = 9; // the 9 px label font
+
 export function chartModel(ratios, { width = 300, height = 80, padLeft = 34, padRight = 4, padTop = 4, padBottom = 4 } = {}) {
   const values = (ratios || []).map(toNumber);
   const finite = values.filter((v) => isNum(v) && v >= 0);
@@ -402,6 +418,11 @@ export function chartModel(ratios, { width = 300, height = 80, padLeft = 34, pad
     const x = padLeft + (columnsCount === 1 ? plotW / 2 : ((c + 0.5) * plotW) / columnsCount);
     model.columns.push({ x, yTop: yOf(max), yBottom: yOf(min), mean, clipped: max > yHigh });
   }
-  for (const value of [yLow, 1, yHigh]) model.ticks.push({ value, y: yOf(value), label: value.toFixed(2) });
+  // axis labels: RTN's 1.00 always; the range ends unless they would overprint it (e.g. top-k ratios in 0..1.05)
+  const refTick = { value: 1, y: yOf(1), label: "1.00" };
+  for (const value of [yLow, 1, yHigh]) {
+    const tick = value === 1 ? refTick : { value, y: yOf(value), label: value.toFixed(2) };
+    if (tick === refTick || Math.abs(tick.y - refTick.y) >= MIN_TICK_GAP_PX) model.ticks.push(tick);
+  }
   return model;
 }

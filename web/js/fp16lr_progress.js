@@ -8,7 +8,7 @@
 
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
-import { chartModel, nextPanelState, panelLines, panelSections, progressFraction } from "./fp16lr_format.js";
+import { chartModel, chartSeries, nextPanelState, panelLines, panelSections, progressFraction } from "./fp16lr_format.js";
 
 const EXTENSION_NAME = "comfyui-scaled-fp16.progress";
 const NODE_TYPES = new Set(["ScaledFP16Convert", "ScaledFP16SaveModel", "ScaledFP16SaveCLIP"]);
@@ -68,7 +68,7 @@ function themeColor(el, name, fallback) {
   return v || fallback;
 }
 
-function drawChart(canvas, ratios) {
+function drawChart(canvas, ratios, label) {
   const width = Math.max(60, Math.round(canvas.clientWidth || 280));
   const height = Math.max(40, Math.round(canvas.clientHeight || CHART_PX - 6));
   const dpr = window.devicePixelRatio || 1;
@@ -107,8 +107,9 @@ function drawChart(canvas, ratios) {
   ctx.textAlign = "left";
   ctx.textBaseline = "alphabetic";
   ctx.fillStyle = fg;
-  ctx.fillText(`error ÷ RTN per tensor · ${m.better}/${m.finite} better`, 36, height - 2);
+  ctx.fillText(`${label} · ${m.better}/${m.finite} better`, 36, height - 2);
   canvas.dataset.columns = String(m.columns.length);
+  canvas.dataset.label = label;
 }
 
 /** The panel of one node: a DOM element, the widget that hosts it, and its rendering of a panel state. */
@@ -162,11 +163,12 @@ class Panel {
           box.appendChild(bar);
           height += 12;
         }
-        if (section.report && i === section.chartAt - 1 && Array.isArray(section.report.ratios) && section.report.ratios.length) {
+        const series = section.report ? chartSeries(section.report) : null;
+        if (series && i === section.chartAt - 1 && series.ratios.length) {
           const canvas = document.createElement("canvas");
           canvas.className = "fp16lr-chart";
           box.appendChild(canvas);
-          this.charts.push([canvas, section.report.ratios]);
+          this.charts.push([canvas, series.ratios, series.label]);
           height += CHART_PX;
         }
       });
@@ -199,7 +201,7 @@ class Panel {
   }
 
   redrawCharts() {
-    for (const [canvas, ratios] of this.charts) if (canvas.isConnected) drawChart(canvas, ratios);
+    for (const [canvas, ratios, label] of this.charts) if (canvas.isConnected) drawChart(canvas, ratios, label);
   }
 
   fitNode() {

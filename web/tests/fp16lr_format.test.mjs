@@ -4,6 +4,7 @@ import assert from "node:assert/strict";
 
 import {
   chartModel,
+  chartSeries,
   errorLine,
   etaSeconds,
   formatBytes,
@@ -216,7 +217,7 @@ test("panel state: start, prepare, progress, report, error, and a new run replac
   // ComfyUI's bar at 0 (the converter's start) says nothing new
   assert.deepEqual(panelLines(nextPanelState(s, { kind: "prepare", payload: { value: 0, max: 40 } })), ["Starting…"]);
   s = nextPanelState(s, { kind: "prepare", payload: { value: 10, max: 40 } });
-  assert.deepEqual(panelLines(s), ["Preparing weights 10/40 · 25.0 %"]);
+  assert.deepEqual(panelLines(s), ["Working 10/40 tensors · 25.0 %"]);
   s = nextPanelState(s, { kind: "progress", payload: { node: "5", prompt_id: "p1", event: tensorEvent } });
   assert.equal(s.phase, "running");
   assert.equal(panelLines(s)[0], "Converting 117/780 · 14.7 %");
@@ -288,6 +289,25 @@ test("chart: more tensors than pixels are binned into min..max columns", () => {
   const m = chartModel(ratios, { width: 200, height: 60, padLeft: 30, padRight: 0 });
   assert.equal(m.columns.length, 170);
   for (const c of m.columns) assert.ok(c.yBottom - c.yTop > 5, "each column spans both values");
+});
+
+test("chart: a range end next to RTN's 1.00 is not labelled over it", () => {
+  const m = chartModel([0.0005, 0.0002, 0.001], { width: 300, height: 60, padTop: 5, padBottom: 12 });
+  assert.equal(m.yLow, 0);
+  assert.deepEqual(m.ticks.map((t) => t.label), ["0.00", "1.00"]);  // 1.05 would sit 2 px above 1.00
+  assert.ok(m.ticks.every((t, i) => i === 0 || Math.abs(t.y - m.ticks[i - 1].y) >= 9));
+});
+
+test("chart series: the top-k ratio where the learned step worked, else the relF ratio", () => {
+  const base = { ratios: [1, 1, 1], topk_ratios: [0.05, null, 0.2], settings: { top_k: 2 } };
+  assert.deepEqual(chartSeries({ ...base, learned: { topk_tensors: 2 } }),
+    { ratios: [0.05, null, 0.2], label: "top-2 error ÷ RTN per tensor" });
+  // BF16 (nothing learned), old reports without the field, or no finite top-k value: the relF ratio
+  assert.deepEqual(chartSeries({ ...base, learned: { topk_tensors: 0 } }), { ratios: [1, 1, 1], label: "error ÷ RTN per tensor" });
+  assert.deepEqual(chartSeries({ ratios: [0.9] }), { ratios: [0.9], label: "error ÷ RTN per tensor" });
+  assert.deepEqual(chartSeries({ ...base, topk_ratios: [null, null, null], learned: { topk_tensors: 2 } }).label,
+    "error ÷ RTN per tensor");
+  assert.deepEqual(chartSeries(null), { ratios: [], label: "error ÷ RTN per tensor" });
 });
 
 test("chart: empty or all-missing ratios give an empty chart with the RTN line in the middle", () => {
