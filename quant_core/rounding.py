@@ -300,6 +300,10 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     vc = v.index_select(0, cols)
     change = (ud[:, :, None] * vc[:, None, :]).reshape(len(d), k * k) * d[:, None]
     del ud, vc
+    change_cost = torch.cat([change, cost[:, None]], 1)  # [N, k*k + 1]: a flip's change of M and its cost
+    # prefix sums over the levels as one product: row j sums levels j+1..S (prefix j+1); the last row is "no flips"
+    suffix = torch.ones(len(STEPS), len(STEPS), dtype=torch.float64, device=dev).triu()
+    suffix = torch.cat([suffix, suffix.new_zeros(1, len(STEPS))])
     flipped = torch.zeros(flat.numel(), dtype=torch.bool, device=dev)
     spread = NBINS + (torch.arange(flat.numel(), device=dev) % SPREAD)
     budget = FROB_BUDGET * rtn_sq
@@ -318,15 +322,15 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         gain_unit = FIXED_ONE / (mat * mat).sum().clamp_min(1e-300)
         cost_unit = FIXED_ONE / (budget - spent).clamp_min(1e-300)
         gain = -(change @ mat.reshape(-1))
-        cand = (gain > 0) & (gain * gain_unit < FIXED_ONE) & (cost * cost_unit <= FIXED_ONE) & ~flipped
+        gu, cu = gain * gain_unit, cost * cost_unit
+        cand = (gain > 0) & (gu < FIXED_ONE) & (cu <= FIXED_ONE) & ~flipped
         b = (NBINS - 1) - ((gain / cost).view(torch.int64) >> MANTISSA_SHIFT)  # bin 0: the best ratios
         index = torch.where(cand, b, spread)
         # gain and cost histograms side by side, filled by one integer scatter (exact and order-free); rows, so
         # that the cumulative sums run along the contiguous dimension (a scan across rows is ~100x slower on CUDA)
-        fixed = torch.cat([(gain * gain_unit).floor_(), (cost * cost_unit).ceil_()])
         hist = torch.zeros(2, width, dtype=torch.int64, device=dev)
         hist.view(-1).scatter_add_(0, torch.cat([index, index + width]),
-                                   torch.where(torch.cat([cand, cand]), fixed, 0.0).long())
+                                   torch.where(torch.cat([cand, cand]), torch.cat([gu.floor(), cu.ceil()]), 0.0).long())
         cum = torch.cumsum(hist[:, :NBINS], 1)
         gain_hist, cum_gain = hist[0, :NBINS], cum[0]
         by_cost = torch.count_nonzero(cum[1] <= FIXED_ONE)
@@ -338,15 +342,14 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         inside = (b[None] < idx[:, None]) | ((b[None] == idx[:, None]) & (pick[None] < frac[:, None]))
         level = (inside & affordable[None]).sum(0)
         onehot = (level[:, None] == levels[None]).double()  # [N, S]: column r - 1 marks level == r
-        per_level = (onehot.T @ change).view(len(STEPS), k, k)  # change of M by the elements of each level
-        # prefix r holds the elements with level >= r: suffix sums, last entry "no flips"
-        dmat = torch.cat([per_level.flip(0).cumsum(0).flip(0), per_level.new_zeros(1, k, k)])
-        dcost = torch.cat([(onehot.T @ cost).flip(0).cumsum(0).flip(0), cost.new_zeros(1)])
-        resid = ((mat + dmat) ** 2).sum((1, 2))  # entry i < len(STEPS): prefix i + 1; the last: no flips
+        # change of M and cost of each prefix (rows 0..S-1: prefixes 1..S; row S: no flips), [S + 1, k*k + 1]
+        delta = suffix @ (onehot.T @ change_cost)
+        resid = ((mat.reshape(1, -1) + delta[:, : k * k]) ** 2).sum(1)
         i = (len(STEPS) - torch.argmin(resid.flip(0))).view(1)  # ties go to fewer flips
         flipped.logical_or_(level >= i + 1)
-        mat.add_(dmat.index_select(0, i)[0])
-        spent.add_(dcost.index_select(0, i)[0])
+        step = delta.index_select(0, i)[0]
+        mat.add_(step[: k * k].view(k, k))
+        spent.add_(step[k * k])
         chosen.copy_(i[0])
 
     done_passes = 0
