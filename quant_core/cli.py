@@ -119,15 +119,23 @@ def _convert(args, src: str, dst: str | None) -> int:
 
 
 def _demo(args) -> int:
+    """Convert a small FLUX-shaped model twice: in BF16, as FLUX ships (exact in fp16: nothing to learn), and in FP32,
+    as a training checkpoint would be (where the learned rounding has work to do)."""
+    import torch
+
     from .demo import demo_flux
 
     with tempfile.TemporaryDirectory(prefix="scaled-fp16-demo-") as folder:
-        src = demo_flux(folder)
+        for dtype, what, output in ((torch.bfloat16, "BF16, as FLUX ships", args.output),
+                                    (torch.float32, "FP32, as a training checkpoint would be", None)):
+            src = demo_flux(folder, dtype)
+            if not args.quiet:
+                print(f"\ndemo: built a small FLUX-shaped model ({what}): {os.path.basename(src)} "
+                      f"({os.path.getsize(src) / 1e6:.1f} MB)")
+            rc = _convert(args, src, output)
+            if rc != 0:
+                return rc
         if not args.quiet:
-            print(f"demo: built a small FLUX-shaped BF16 model: {src} ({os.path.getsize(src) / 1e6:.1f} MB)")
-        rc = _convert(args, src, args.output)
-        if rc == 0 and not args.quiet:
-            out = args.output or os.path.basename(src).replace(".safetensors", "") + \
-                "_float16_scaled_learned_svd.safetensors"
-            print(f"demo: done ({out}; the temp folder is removed now)")
-        return rc
+            kept = f"the BF16 result is at {args.output}; " if args.output else ""
+            print(f"\ndemo: done ({kept}the temp folder and everything in it are removed now)")
+        return 0

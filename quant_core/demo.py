@@ -109,8 +109,9 @@ def write_model(path: str, specs: list[Spec], dtype: torch.dtype = torch.bfloat1
     return path
 
 
-def demo_flux(folder: str) -> str:
-    """A small FLUX-shaped BF16 model (hidden 256, 2 double + 2 single blocks, ~15 MB)."""
-    return write_model(os.path.join(folder, "demo-flux-small.safetensors"),
+def demo_flux(folder: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """A small FLUX-shaped model (hidden 256, 2 double + 2 single blocks; ~15 MB in BF16, ~30 MB in FP32)."""
+    tag = "" if dtype == torch.bfloat16 else f"-{TORCH_TO_ST[dtype].lower()}"
+    return write_model(os.path.join(folder, f"demo-flux-small{tag}.safetensors"),
                        flux_specs(hidden=256, double_blocks=2, single_blocks=2, head_dim=64, context_dim=512),
-                       torch.bfloat16, seed=0, metadata={"note": "synthetic demo model"})
+                       dtype, seed=0, metadata={"note": "synthetic demo model"})

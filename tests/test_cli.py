@@ -62,8 +62,15 @@ def test_report_json_and_progress(tmp_path, flux_bf16):
 
 def test_demo_runs_without_input(tmp_path):
     p = run_cli("--demo", "--num_iter", "4", cwd=str(tmp_path), check=True)
-    assert "demo: built a small FLUX-shaped BF16 model" in p.stdout
-    assert "tensors: 36 quantized" in p.stdout
+    assert "demo: built a small FLUX-shaped model (BF16, as FLUX ships)" in p.stdout
+    assert "demo: built a small FLUX-shaped model (FP32, as a training checkpoint would be)" in p.stdout
+    assert p.stdout.count("tensors: 36 quantized") == 2
+    # BF16 is exact in fp16; FP32 gives the learned rounding work, and the summary says what it achieved
+    bf16, fp32 = p.stdout.split("(FP32, as a training checkpoint would be)")
+    assert "learned rounding: nothing to improve" in bf16
+    m = re.search(r"learned rounding: error along the top-1 principal directions ([\d.e+-]+)x RTN's "
+                  r"\(mean over (\d+) tensors\)", fp32)
+    assert m and float(m.group(1)) < 0.5 and int(m.group(2)) > 0, fp32
     assert os.listdir(tmp_path) == []  # everything stayed in the temp folder
 
 
