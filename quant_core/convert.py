@@ -228,8 +228,12 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
     q, info = q_rtn, {"method": "rtn"}
     if options.num_iter > 0 and m["err_sq"] == 0.0:
         info = {"method": "exact"}  # every element is representable: there is nothing to round
+    elif options.num_iter > 0 and (final := _rounding().rtn_is_final(
+            tuple(w.shape), m["rel_error"], top_k=options.top_k, num_iter=options.num_iter,
+            calibration=layer_cal)) is not None:
+        info = final  # RTN's error is negligible (BF16 at scale 1): nothing to learn, no pass over the tensor
     elif options.num_iter > 0:
-        from . import rounding
+        rounding = _rounding()
         ws = w.float()
         if scale != 1.0:
             ws = ws * (1.0 / scale)  # exact: power of two
@@ -393,6 +397,11 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
     report = summary.finish(os.path.getsize(dst), time.perf_counter() - t_start)
     emit({"type": "done", "report": report})
     return report
+
+
+def _rounding():
+    from . import rounding  # imported on first use: a plain --num_iter 0 conversion never needs it
+    return rounding
 
 
 def _releaser(pool: _BufferPool | None, buf: torch.Tensor | None) -> Callable[[], None] | None:

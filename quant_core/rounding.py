@@ -22,6 +22,7 @@ decisions are made in float64, so a CPU and a GPU run store the same bytes unles
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -91,6 +92,21 @@ def round_to_fp16(ws: torch.Tensor, *, top_k: int, num_iter: int,
     else:
         q, info = _topk(w2, min(top_k, min(w2.shape)), min(num_iter, MAX_PASSES), cancel)
     return RoundingResult(q.view(shape), info)
+
+
+def rtn_is_final(shape: tuple[int, ...], rtn_rel_error: float, *, top_k: int, num_iter: int,
+                 calibration: "LayerCalibration | None" = None) -> dict | None:
+    """For a caller that has already measured RTN's relative error: the info `round_to_fp16` would report when it
+    would return RTN unchanged in top-k mode because that error is negligible (e.g. BF16 weights at scale 1, where
+    only fp16 subnormals round), else None. Lets the converter skip the float32 copy and the pass over the tensor."""
+    if calibration is not None or top_k <= 0 or num_iter <= 0 or rtn_rel_error > NEGLIGIBLE_REL:
+        return None
+    rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
+    return _nothing_to_move(min(top_k, rows, cols))
+
+
+def _nothing_to_move(k: int) -> dict:
+    return {"method": "topk", "top_k": k, "iterations": 0, "topk_ratio": 1.0, "flips": 0, "extra_frobenius": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,8 +294,7 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     # nothing worth moving: no inexact element (BF16 values in fp16's normal range) or an RTN error that is already
     # negligible (BF16 at scale 1, where only fp16 subnormals round): RTN, no basis needed
     if flat.numel() == 0 or rtn_rel <= NEGLIGIBLE_REL:
-        return w2.to(torch.float16), {"method": "topk", "top_k": k, "iterations": 0, "topk_ratio": 1.0,
-                                      "flips": 0, "extra_frobenius": 0.0}
+        return w2.to(torch.float16), _nothing_to_move(k)
     u, v = principal_basis(w2, k)
 
     mat = torch.zeros(k, k, dtype=torch.float64, device=dev)  # U^T (Q - W) V, kept current through the passes

@@ -107,3 +107,20 @@ def test_report_says_what_the_learned_step_did(flux_bf16, t5_fp32, tmp_path):
     assert "learned rounding: nothing to improve" in format_summary(bf16)
     assert "nothing to improve" not in format_summary(
         convert_file(flux_bf16, str(tmp_path / "rtn.safetensors"), ConvertOptions(num_iter=0)))
+
+
+def test_bf16_default_mode_skips_the_rounding_pass(flux_bf16, t5_fp32, tmp_path, monkeypatch):
+    """BF16 at scale 1: RTN's error is negligible, so the converter neither copies the tensor to float32 nor searches
+    (the search would return RTN: same bytes; the report marks the tensors top-k with 0 iterations). FP32 weights
+    are searched."""
+    from quant_core import rounding
+
+    calls = []
+    real = rounding.round_to_fp16
+    monkeypatch.setattr(rounding, "round_to_fp16", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report = convert_file(flux_bf16, str(tmp_path / "b.safetensors"), ConvertOptions())
+    assert calls == []
+    assert report["tensors"] and all(t["method"] in ("topk", "exact") for t in report["tensors"])
+    assert all(t["iterations"] == 0 and t["topk_ratio"] == 1.0 for t in report["tensors"] if t["method"] == "topk")
+    fp32 = convert_file(t5_fp32, str(tmp_path / "t.safetensors"), ConvertOptions(t5xxl=True))
+    assert len(calls) == fp32["counts"]["quantized"] > 0
