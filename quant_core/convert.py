@@ -208,7 +208,8 @@ class _WriterThread:
 
 
 def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.device, layer_cal, cancel_fn,
-              path: str, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
+              path: str, out: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
     """Scale, round and measure one weight. Returns (fp16 on `device`, scale tensor, metrics, bias delta or None).
     `out` (CPU, optional): a reusable buffer for the round-to-nearest result, returned as a view when it stays."""
     t0 = time.perf_counter()

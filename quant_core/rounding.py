@@ -180,7 +180,7 @@ def _normalize_columns(a: torch.Tensor) -> torch.Tensor:
 
 
 def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
-    """Eigenvectors of the k largest eigenvalues of a small symmetric matrix, on the matrix's own device."""
+    """Eigenvectors of the k largest eigenvalues of a small symmetric matrix (see `_eigh_small`), on its device."""
     _, vecs = _eigh_small(gram)
     return vecs[:, -k:].flip(1).contiguous()
 
@@ -212,8 +212,8 @@ def _orthonormalize_block(y: torch.Tensor) -> torch.Tensor:
 
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of the columns of tall `y` [m, r] (r small): y Q diag(lambda)^-1/2 from the
-    eigen-decomposition of the small Gram matrix, then a Cholesky QR step. Directions with eigenvalues below 1e-10 of the
-    largest (numerically dependent columns) are dropped. Two skinny products on the device, no tall QR."""
+    eigen-decomposition of the small Gram matrix, then one Cholesky QR step. Directions with eigenvalues below 1e-10
+    of the largest (numerically dependent columns) are dropped. Skinny products on the device, no tall QR."""
     lam, vecs = _eigh_small(y.T @ y)
     keep = (lam > lam[-1].clamp_min(1e-300) * 1e-10).cpu()  # the number kept decides a shape: one sync
     y = y @ (vecs[:, keep] / lam[keep].sqrt())
