@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -393,6 +394,9 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
             except BaseException:
                 pass
             raise
+        finally:
+            if cuda and "quant_core.rounding" in sys.modules:
+                _rounding().release_device_memory()  # captured graphs and their buffers: not between conversions
         prefetch.close()
         writer.commit()
     report = summary.finish(os.path.getsize(dst), time.perf_counter() - t_start)

@@ -23,6 +23,7 @@ decisions are made in float64, so a CPU and a GPU run store the same bytes unles
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -36,6 +37,8 @@ MAX_PASSES = 4           # refinement passes; num_iter caps this, beyond it the 
 BASIS_ITERS = 8          # block Krylov steps for the top-k basis (each: two skinny products with W)
 OVERSAMPLE = 6           # extra vectors per Krylov block
 BASIS_SEED = 20240601
+USE_CUDA_GRAPHS = os.environ.get("QUANT_CORE_CUDA_GRAPHS", "1") != "0"  # see _DeviceGraphs
+GRAPH_BUCKETS_PER_OCTAVE = 8  # candidate pools are padded to one of this many sizes per octave
 SMALL_EIGH_ON_CPU = True  # small eigen-decompositions of the basis on the CPU even when W is on a GPU (see _eigh_small)
 EXACT_BASIS_DIM = 512    # up to this short side the exact basis (eigh of the small Gram matrix) is used
 NEGLIGIBLE_REL = 2.0 ** -20  # RTN relF below this (e.g. BF16 at scale 1: only subnormals inexact): keep RTN
@@ -141,8 +144,8 @@ def _row_chunks(m: int, n: int, device: torch.device):
 # default mode: top-k principal directions
 
 
-def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: int = BASIS_SEED
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: int = BASIS_SEED,
+                    graphs: "_DeviceGraphs | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k left/right singular vectors of `w2` ([m, n]) as float64 ([m, k], [n, k]).
 
     Randomized block Krylov iteration: blocks of k + OVERSAMPLE vectors, `iters` products with W W^T, one
@@ -152,9 +155,9 @@ def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: in
     """
     m, n = w2.shape
     dev = w2.device
-    w64 = w2.double()
     if min(m, n) <= EXACT_BASIS_DIM:
         # small: the exact SVD through the Gram matrix of the short side costs less than the iteration
+        w64 = w2.double()
         tall = n <= m
         gram = (w64.T @ w64) if tall else (w64 @ w64.T)
         top = _top_eigvecs(gram, k)
@@ -162,17 +165,38 @@ def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: in
         u, v = (other, top) if tall else (top, other)
         return _normalize_columns(u), _normalize_columns(v)
     p = k + OVERSAMPLE
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, p, generator=g, dtype=torch.float64).to(dev)
-    y = _orthonormalize_block(w64 @ x)
-    blocks = [y]
-    for _ in range(iters):
-        y = _orthonormalize_block(w64 @ (y.T @ w64).T)  # (y^T W)^T: MKL is several times slower on W^T y
-        blocks.append(y)
-    basis = _orthonormalize(torch.cat(blocks, 1))
+    key = ("krylov", m, n, p, iters, seed)
+    if graphs is not None and graphs.worth_capturing(key):
+        w64 = graphs.buffer("w64", (m, n), torch.float64)
+        w64.copy_(w2)
+        blocks = graphs.buffer("krylov", (m, p * (iters + 1)), torch.float64)
+        x = graphs.constant(("krylov_start", n, p, seed), lambda: _start_block(n, p, seed))
+        graphs.ensure(key, lambda: _krylov(w64, x, iters, blocks))
+        graphs.replay(key)
+    else:
+        w64 = w2.double()
+        blocks = torch.empty(m, p * (iters + 1), dtype=torch.float64, device=dev)
+        _krylov(w64, _start_block(n, p, seed).to(dev), iters, blocks)
+    basis = _orthonormalize(blocks)
     b = basis.T @ w64                          # [r, n], r <= (k + OVERSAMPLE) * (iters + 1)
     ub = _top_eigvecs(b @ b.T, k)
     return _normalize_columns(basis @ ub), _normalize_columns(b.T @ ub)
+
+
+def _start_block(n: int, p: int, seed: int) -> torch.Tensor:
+    """The Krylov start block, from a seeded CPU generator (the same on every device)."""
+    return torch.randn(n, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _krylov(w64: torch.Tensor, x: torch.Tensor, iters: int, out: torch.Tensor) -> None:
+    """Block Krylov iteration from start block `x` [n, p]: writes the `iters + 1` near-orthonormal blocks
+    [m, p] side by side into `out`. Shapes only, no host round trip: captured as a CUDA graph per shape."""
+    p = x.shape[1]
+    y = _orthonormalize_block(w64 @ x)
+    out[:, :p].copy_(y)
+    for i in range(1, iters + 1):
+        y = _orthonormalize_block(w64 @ (y.T @ w64).T)  # (y^T W)^T: MKL is several times slower on W^T y
+        out[:, i * p:(i + 1) * p].copy_(y)
 
 
 def _normalize_columns(a: torch.Tensor) -> torch.Tensor:
@@ -295,96 +319,57 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     # negligible (BF16 at scale 1, where only fp16 subnormals round): RTN, no basis needed
     if flat.numel() == 0 or rtn_rel <= NEGLIGIBLE_REL:
         return w2.to(torch.float16), _nothing_to_move(k)
-    u, v = principal_basis(w2, k)
+    graphs = _device_graphs(dev)
+    u, v = principal_basis(w2, k, graphs=graphs)
 
-    mat = torch.zeros(k, k, dtype=torch.float64, device=dev)  # U^T (Q - W) V, kept current through the passes
+    mat = torch.zeros(k, k, dtype=torch.float64, device=dev)  # U^T (Q - W) V of RTN
     rtn_sq = torch.zeros((), dtype=torch.float64, device=dev)
     for r0, r1, (_, _, e_rows, _) in nbs:
         e64 = e_rows.double()
         mat += u[r0:r1].T @ (e64 @ v)
         rtn_sq += (e64 * e64).sum()
-    mat_rtn = mat.clone()
 
-    # extra squared error of each flip (>= 0: RTN is nearest), plus a sliver of the squared gap so that exact ties
-    # (cost 0) are still ranked among themselves by their gain
-    cost = d * (2.0 * e + d) + TIE_COST * d * d
-    pick = _tiebreak(flat)
-    # flipping pool element n changes M by d_n u_{row n} v_{col n}^T: its [k*k] pattern, fixed for the whole search
-    # (one product per pass then gives every element's gain, and one more the change of M of each step's prefix)
-    ud = u.index_select(0, rows)              # [N, k] rows of U and V each pool element touches
-    vc = v.index_select(0, cols)
-    change = (ud[:, :, None] * vc[:, None, :]).reshape(len(d), k * k) * d[:, None]
-    del ud, vc
-    change_cost = torch.cat([change, cost[:, None]], 1)  # [N, k*k + 1]: a flip's change of M and its cost
-    # prefix sums over the levels as one product: row j sums levels j+1..S (prefix j+1); the last row is "no flips"
-    suffix = torch.ones(len(STEPS), len(STEPS), dtype=torch.float64, device=dev).triu()
-    suffix = torch.cat([suffix, suffix.new_zeros(1, len(STEPS))])
-    flipped = torch.zeros(flat.numel(), dtype=torch.bool, device=dev)
-    spread = NBINS + (torch.arange(flat.numel(), device=dev) % SPREAD)
-    budget = FROB_BUDGET * rtn_sq
-    spent = torch.zeros((), dtype=torch.float64, device=dev)
-
-    targets = torch.tensor([int(t * FIXED_ONE) for t in STEPS], dtype=torch.int64, device=dev)
-    levels = torch.arange(1, len(STEPS) + 1, device=dev)
-    chosen = torch.zeros((), dtype=torch.int64, device=dev)  # the step the last pass took (len(STEPS): none)
-    width = NBINS + SPREAD
-
-    def one_pass() -> None:
-        """One refinement pass. Reads and updates `mat`, `spent`, `flipped`, `chosen` in place and never waits
-        for the host."""
-        # first order: flipping element (i, j) changes M by d_ij u_i v_j^T and ||M||^2 by 2 d_ij (U M V^T)_ij;
-        # a set of flips whose summed gain is ||M||^2 would take M to zero if all its parts were aligned
-        gain_unit = FIXED_ONE / (mat * mat).sum().clamp_min(1e-300)
-        cost_unit = FIXED_ONE / (budget - spent).clamp_min(1e-300)
-        gain = -(change @ mat.reshape(-1))
-        gu, cu = gain * gain_unit, cost * cost_unit
-        cand = (gain > 0) & (gu < FIXED_ONE) & (cu <= FIXED_ONE) & ~flipped
-        b = (NBINS - 1) - ((gain / cost).view(torch.int64) >> MANTISSA_SHIFT)  # bin 0: the best ratios
-        index = torch.where(cand, b, spread)
-        # gain and cost histograms side by side, filled by one integer scatter (exact and order-free); rows, so
-        # that the cumulative sums run along the contiguous dimension (a scan across rows is ~100x slower on CUDA)
-        hist = torch.zeros(2, width, dtype=torch.int64, device=dev)
-        hist.view(-1).scatter_add_(0, torch.cat([index, index + width]),
-                                   torch.where(torch.cat([cand, cand]), torch.cat([gu.floor(), cu.ceil()]), 0.0).long())
-        cum = torch.cumsum(hist[:, :NBINS], 1)
-        gain_hist, cum_gain = hist[0, :NBINS], cum[0]
-        by_cost = torch.count_nonzero(cum[1] <= FIXED_ONE)
-        # nested prefixes of the ranking (full first-order step, then shorter ones), all at once: level = in how
-        # many of the prefixes an element is. The prefix that leaves the smallest ||M|| is taken, or none: each
-        # pass can only lower the objective
-        affordable = cand & (b < by_cost)
-        idx, frac = _cuts(cum_gain, gain_hist, targets)
-        inside = (b[None] < idx[:, None]) | ((b[None] == idx[:, None]) & (pick[None] < frac[:, None]))
-        level = (inside & affordable[None]).sum(0)
-        onehot = (level[:, None] == levels[None]).double()  # [N, S]: column r - 1 marks level == r
-        # change of M and cost of each prefix (rows 0..S-1: prefixes 1..S; row S: no flips), [S + 1, k*k + 1]
-        delta = suffix @ (onehot.T @ change_cost)
-        resid = ((mat.reshape(1, -1) + delta[:, : k * k]) ** 2).sum(1)
-        i = (len(STEPS) - torch.argmin(resid.flip(0))).view(1)  # ties go to fewer flips
-        flipped.logical_or_(level >= i + 1)
-        step = delta.index_select(0, i)[0]
-        mat.add_(step[: k * k].view(k, k))
-        spent.add_(step[k * k])
-        chosen.copy_(i[0])
-
+    count = flat.numel()
+    size = count if graphs is None else _bucket(count)
+    key = ("search", m, n, k, size)
+    s = _Search(m, n, k, size, dev, graphs)
+    # the inputs of this tensor; padding (pool bucket beyond `count`) is inert: d = 0 gives no gain and no cost
+    for name, src in (("rows", rows), ("cols", cols), ("flat", flat), ("e", e), ("d", d)):
+        dst = getattr(s, name)
+        dst[:count].copy_(src)
+        if size > count:
+            dst[count:].zero_()
+    s.u.copy_(u)
+    s.v.copy_(v)
+    s.mat_rtn.copy_(mat)
+    s.rtn_sq.copy_(rtn_sq)
+    if graphs is not None and graphs.worth_capturing(key):
+        graphs.ensure(key + ("setup",), s.setup)
+        graphs.ensure(key + ("pass",), s.one_pass)  # its warm-up ran a pass: setup below starts afresh
+        graphs.replay(key + ("setup",))
+        step = lambda: graphs.replay(key + ("pass",))  # noqa: E731
+    else:
+        s.setup()
+        step = s.one_pass
     done_passes = 0
     for _ in range(passes):
         _check(cancel)
-        one_pass()
+        step()
         done_passes += 1
         # a pass that flips nothing leaves the state as it was, so every later pass would repeat it: on the CPU,
         # where asking costs nothing, stop (same bytes); on a GPU the remaining passes run without a host sync
-        if dev.type == "cpu" and int(chosen) == len(STEPS):
+        if dev.type == "cpu" and int(s.chosen) == len(STEPS):
             break
 
+    flipped = s.flipped[:count]
     sel = torch.zeros(m * n, dtype=torch.bool, device=dev)
     sel[flat] = flipped
     sel = sel.view(m, n)
     q = torch.empty(m, n, dtype=torch.float16, device=dev)
     for r0, r1, (rtn, other, _, _) in nbs:
         q[r0:r1] = torch.where(sel[r0:r1], other, rtn)
-    stats = torch.stack([mat.norm(), mat_rtn.norm(), torch.count_nonzero(flipped).double(),
-                         spent / rtn_sq.clamp_min(1e-300)]).tolist()  # one sync
+    stats = torch.stack([s.mat.norm(), s.mat_rtn.norm(), torch.count_nonzero(flipped).double(),
+                         s.spent / s.rtn_sq.clamp_min(1e-300)]).tolist()  # one sync
     topk, topk_rtn, flips, extra = stats
     return q, {
         "method": "topk",
@@ -394,6 +379,108 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         "flips": int(flips),
         "extra_frobenius": extra,
     }
+
+
+class _Search:
+    """State of the flip search over one candidate pool of `size` elements, held in tensors that `setup` and
+    `one_pass` only update in place: on a GPU each is captured once as a CUDA graph per (shape, k, pool bucket) and
+    replayed for every tensor that falls in that bucket (see `_DeviceGraphs`); on the CPU they simply run.
+
+    Inputs (written by the caller): rows, cols, flat (pool element positions), e, d (its RTN error and the step to
+    the other neighbour, float64), u [m, k], v [n, k], mat_rtn = U^T (Q_rtn - W) V, rtn_sq = ||Q_rtn - W||^2.
+    Outputs: flipped (which pool elements take the other neighbour), mat (U^T (Q - W) V), spent (extra squared
+    error), chosen (the step the last pass took; len(STEPS): none)."""
+
+    def __init__(self, m: int, n: int, k: int, size: int, dev: torch.device, graphs: "_DeviceGraphs | None"):
+        f64, i64 = torch.float64, torch.int64
+
+        def buf(name, shape, dtype):
+            if graphs is not None:
+                return graphs.buffer(name, shape, dtype)
+            return torch.empty(shape, dtype=dtype, device=dev)
+
+        self.k = k
+        self.rows, self.cols, self.flat = (buf(x, (size,), i64) for x in ("rows", "cols", "flat"))
+        self.e, self.d, self.cost, self.pick = (buf(x, (size,), f64) for x in ("e", "d", "cost", "pick"))
+        self.u, self.v = buf("u", (m, k), f64), buf("v", (n, k), f64)
+        # [size, k*k + 1]: a flip's change of M (d u_row v_col^T, fixed for the whole search) and its cost
+        self.change_cost = buf("change_cost", (size, k * k + 1), f64)
+        self.change = self.change_cost[:, : k * k]
+        self.flipped = buf("flipped", (size,), torch.bool)
+        self.spread = buf("spread", (size,), i64)
+        self.mat, self.mat_rtn = buf("mat", (k, k), f64), buf("mat_rtn", (k, k), f64)
+        self.rtn_sq, self.spent, self.budget = (buf(x, (), f64) for x in ("rtn_sq", "spent", "budget"))
+        self.chosen = buf("chosen", (), i64)
+        self.targets = buf("targets", (len(STEPS),), i64)
+        self.levels = buf("levels", (len(STEPS),), i64)
+        # prefix sums over the levels as one product: row j sums levels j+1..S (prefix j+1); the last row is "none"
+        self.suffix = buf("suffix", (len(STEPS) + 1, len(STEPS)), f64)
+        self.width = NBINS + SPREAD
+
+    def setup(self) -> None:
+        s, k, d = self, self.k, self.d
+        # extra squared error of each flip (>= 0: RTN is nearest), plus a sliver of the squared gap so that exact
+        # ties (cost 0) are still ranked among themselves by their gain
+        s.cost.copy_(d * (2.0 * s.e + d) + TIE_COST * d * d)
+        s.pick.copy_(_tiebreak(s.flat))
+        # flipping pool element i changes M by d_i u_{row i} v_{col i}^T: one product per pass then gives every
+        # element's gain, and one more the change of M of each step's prefix
+        ud = s.u.index_select(0, s.rows)
+        vc = s.v.index_select(0, s.cols)
+        s.change.view(-1, k, k).copy_(ud[:, :, None] * vc[:, None, :] * d[:, None, None])
+        s.change_cost[:, k * k].copy_(s.cost)
+        torch.remainder(torch.arange(len(s.flat), device=d.device), SPREAD, out=s.spread).add_(NBINS)
+        s.flipped.zero_()
+        s.mat.copy_(s.mat_rtn)
+        s.spent.zero_()
+        s.budget.copy_(FROB_BUDGET * s.rtn_sq)
+        s.chosen.fill_(len(STEPS))
+        for j, t in enumerate(STEPS):  # constants, set on the device (no host copy inside a graph)
+            s.targets[j].fill_(int(t * FIXED_ONE))
+        torch.arange(1, len(STEPS) + 1, out=s.levels)
+        s.suffix.fill_(1.0)
+        s.suffix.triu_()
+        s.suffix[len(STEPS)].zero_()
+
+    def one_pass(self) -> None:
+        """One refinement pass. Reads and updates `mat`, `spent`, `flipped`, `chosen` in place and never waits
+        for the host."""
+        s, k, mat, cost = self, self.k, self.mat, self.cost
+        # first order: flipping element (i, j) changes M by d_ij u_i v_j^T and ||M||^2 by 2 d_ij (U M V^T)_ij;
+        # a set of flips whose summed gain is ||M||^2 would take M to zero if all its parts were aligned
+        gain_unit = FIXED_ONE / (mat * mat).sum().clamp_min(1e-300)
+        cost_unit = FIXED_ONE / (s.budget - s.spent).clamp_min(1e-300)
+        gain = -(s.change @ mat.reshape(-1))
+        gu, cu = gain * gain_unit, cost * cost_unit
+        cand = (gain > 0) & (gu < FIXED_ONE) & (cu <= FIXED_ONE) & ~s.flipped
+        b = (NBINS - 1) - ((gain / cost).view(torch.int64) >> MANTISSA_SHIFT)  # bin 0: the best ratios
+        index = torch.where(cand, b, s.spread)
+        # gain and cost histograms side by side, filled by one integer scatter (exact and order-free); rows, so
+        # that the cumulative sums run along the contiguous dimension (a scan across rows is ~100x slower on CUDA)
+        width = s.width
+        hist = torch.zeros(2, width, dtype=torch.int64, device=mat.device)
+        hist.view(-1).scatter_add_(0, torch.cat([index, index + width]),
+                                   torch.where(torch.cat([cand, cand]), torch.cat([gu.floor(), cu.ceil()]), 0.0).long())
+        cum = torch.cumsum(hist[:, :NBINS], 1)
+        gain_hist, cum_gain = hist[0, :NBINS], cum[0]
+        by_cost = torch.count_nonzero(cum[1] <= FIXED_ONE)
+        # nested prefixes of the ranking (full first-order step, then shorter ones), all at once: level = in how
+        # many of the prefixes an element is. The prefix that leaves the smallest ||M|| is taken, or none: each
+        # pass can only lower the objective
+        affordable = cand & (b < by_cost)
+        idx, frac = _cuts(cum_gain, gain_hist, s.targets)
+        inside = (b[None] < idx[:, None]) | ((b[None] == idx[:, None]) & (s.pick[None] < frac[:, None]))
+        level = (inside & affordable[None]).sum(0)
+        onehot = (level[:, None] == s.levels[None]).double()  # [N, S]: column r - 1 marks level == r
+        # change of M and cost of each prefix (rows 0..S-1: prefixes 1..S; row S: no flips), [S + 1, k*k + 1]
+        delta = s.suffix @ (onehot.T @ s.change_cost)
+        resid = ((mat.reshape(1, -1) + delta[:, : k * k]) ** 2).sum(1)
+        i = (len(STEPS) - torch.argmin(resid.flip(0))).view(1)  # ties go to fewer flips
+        s.flipped.logical_or_(level >= i + 1)
+        step = delta.index_select(0, i)[0]
+        mat.add_(step[: k * k].view(k, k))
+        s.spent.add_(step[k * k])
+        s.chosen.copy_(i[0])
 
 
 def _check(cancel: CancelHook | None) -> None:
@@ -406,6 +493,119 @@ def topk_error(w2: torch.Tensor, q2: torch.Tensor, u: torch.Tensor, v: torch.Ten
     """||U^T (Q - W) V|| in float64 for fp16 `q2` against float32 `w2` (both [m, n], same scale)."""
     e = q2.double() - w2.double()
     return float((u.T @ e @ v).norm())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA graphs: the fixed-shape parts of the default mode, captured once and replayed
+#
+# A tensor's top-k rounding is a few hundred small kernels; launched one by one from Python, the host's launch
+# overhead (not the GPU) sets the time. The Krylov basis (shape [m, n]) and the flip search (shape: the candidate
+# pool, padded to a bucket of 8 per octave) only depend on shapes, so they are captured as CUDA graphs the second
+# time a shape comes up and replayed for every later tensor of that shape: a FLUX or T5 file repeats each layer
+# shape dozens of times. Inputs and state live in per-device buffers shared by all graphs (graphs run one after
+# the other on one stream); when a buffer has to grow, every graph is dropped and captured again.
+
+
+def _bucket(count: int) -> int:
+    """The padded pool size for `count` candidates: the next of 8 sizes per octave, a multiple of 1024."""
+    if count <= 1024:
+        return 1024
+    size = 2.0 ** (math.ceil(math.log2(count) * GRAPH_BUCKETS_PER_OCTAVE) / GRAPH_BUCKETS_PER_OCTAVE)
+    return max(count, -(-int(math.ceil(size)) // 1024) * 1024)
+
+
+class _DeviceGraphs:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._seen: dict[tuple, int] = {}
+        self._constants: dict[tuple, torch.Tensor] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self._stream = torch.cuda.Stream(device)
+        self.captures = 0
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A view of the shared buffer `name` (grown by a quarter beyond need when too small; growing drops
+        every graph, since they hold the old addresses)."""
+        nbytes = max(1, math.prod(shape)) * dtype.itemsize
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < nbytes:
+            self._drop_graphs()
+            grown = nbytes if buf is None else max(nbytes, buf.numel() + buf.numel() // 4)
+            del buf
+            self._buffers.pop(name, None)
+            buf = self._buffers[name] = torch.empty(grown, dtype=torch.uint8, device=self.device)
+        return buf[:nbytes].view(dtype)[: math.prod(shape)].view(shape)
+
+    def constant(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A tensor made once per key on the CPU and kept on the device."""
+        t = self._constants.get(key)
+        if t is None:
+            t = self._constants[key] = make().to(self.device)
+        return t
+
+    def worth_capturing(self, key: tuple) -> bool:
+        """Capture on a key's second use: a shape that comes up once runs eagerly (capturing costs a few runs)."""
+        if key in self._graphs:
+            return True
+        self._seen[key] = self._seen.get(key, 0) + 1
+        return self._seen[key] >= 2
+
+    def ensure(self, key: tuple, fn: Callable[[], None]) -> None:
+        """Capture `fn` under `key` unless captured. A capture runs `fn` once for warm-up (lazy library set-up
+        stays out of the graph), so `fn`'s effects must be made good by the caller."""
+        if key in self._graphs:
+            return
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(self._stream):
+            fn()
+            # thread-local: the converter's reader thread may use the device meanwhile
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+        current.wait_stream(self._stream)
+        self._graphs[key] = graph
+        self.captures += 1
+
+    def replay(self, key: tuple) -> None:
+        self._graphs[key].replay()
+
+    def _drop_graphs(self) -> None:
+        if self._graphs:
+            torch.cuda.current_stream(self.device).synchronize()
+            self._graphs.clear()
+            self._pool = torch.cuda.graph_pool_handle()
+
+    def release(self) -> None:
+        self._drop_graphs()
+        self._buffers.clear()
+        self._seen.clear()
+        self._constants.clear()
+
+
+_GRAPHS: dict[torch.device, _DeviceGraphs] = {}
+
+
+def _device_graphs(dev: torch.device) -> "_DeviceGraphs | None":
+    if dev.type != "cuda" or not USE_CUDA_GRAPHS:
+        return None
+    dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    graphs = _GRAPHS.get(dev)
+    if graphs is None:
+        graphs = _GRAPHS[dev] = _DeviceGraphs(dev)
+    return graphs
+
+
+def release_device_memory() -> None:
+    """Drop the captured graphs and their buffers (the converter calls this when a conversion ends)."""
+    for graphs in _GRAPHS.values():
+        graphs.release()
+    _GRAPHS.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
