@@ -23,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import quant_core.rounding as rounding  # noqa: E402
 from quant_core.rounding import principal_basis, round_to_fp16, topk_error  # noqa: E402
 
 
@@ -68,13 +69,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--num-iter", type=int, default=256)
+    ap.add_argument("--pool-cost", type=float, help="override rounding.POOL_COST (a tuning experiment)")
     ap.add_argument("--fresh", type=int, default=5, help="new weights of each shape timed once each (median)")
     ap.add_argument("--no-identity", action="store_true", help="skip the CPU/GPU byte comparison")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if args.pool_cost is not None:
+        rounding.POOL_COST = args.pool_cost
     shapes = [(384, 1536), (1536, 384)] if args.small else [(3072, 12288), (12288, 3072), (4096, 10240)]
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}), torch "
-          f"{torch.__version__}, top_k {args.top_k}, num_iter {args.num_iter}")
+          f"{torch.__version__}, top_k {args.top_k}, num_iter {args.num_iter}, pool cost {rounding.POOL_COST}")
     print(f"{'shape':>12s} {'source':>6s} {'RTN ms':>8s} {'ours ms':>8s} {'new w ms':>8s} {'1st/2nd ms':>11s} "
           f"{'passes':>6s} {'topk ratio':>10s} {'exact topk':>10s} {'relF ratio':>10s} {'!=RTN %':>8s}")
     for shape in shapes:
@@ -106,6 +110,9 @@ def main() -> None:
                   f"{t_fresh * 1e3:8.2f} {first * 1e3:5.0f}/{second * 1e3:<5.0f} {res.info.get('iterations', 0):6d} {res.info.get('topk_ratio', 1.0):10.4f} {exact:>10s} "
                   f"{(e_q / e_r if e_r else 1.0):10.5f} {float((q != rtn).double().mean()) * 100:8.3f}", flush=True)
             del w, rtn, res, q
+    if dev.type == "cuda":
+        print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated(dev) / 1e9:.2f} GB (weights, results, "
+              f"captured graphs and their buffers)")
     if dev.type == "cuda" and not args.no_identity:
         print("\nCPU vs GPU bytes (default settings):")
         cases = [((384, 1536), "fp32"), ((1536, 384), "heavy"), ((2048, 2048), "fp32"), ((3072, 3072), "heavy"),

@@ -22,8 +22,10 @@ decisions are made in float64, so a CPU and a GPU run store the same bytes unles
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -46,10 +48,10 @@ NEGLIGIBLE_REL = 2.0 ** -20  # RTN relF below this (e.g. BF16 at scale 1: only s
 # 32 bins per octave, monotone in the ratio, covering every positive float64 (no log needed).
 MANTISSA_SHIFT = 52 - 5
 NBINS = 1 << (11 + 5)
-SPREAD = 1024            # extra bins that absorb non-candidates (spread out to avoid atomic contention on one bin)
+REPLICAS = 8            # copies of the histogram, element i adds to copy i % REPLICAS (less atomic contention)
 FIXED_ONE = 1 << 32      # fixed-point unit of gain and cost sums (integer sums are exact and order-free)
 TIE_COST = 2.0 ** -16   # added to every flip's cost, in units of its squared fp16 gap (see _topk)
-POOL_COST = 0.05        # candidate pool: flips costing at most this fraction of the squared fp16 gap
+POOL_COST = 0.025       # candidate pool: flips costing less than this fraction of the squared fp16 gap
 STEPS = (1.0, 0.5, 0.25) # first-order step fractions tried by each pass's line search
 FROB_BUDGET = 0.01       # extra squared Frobenius error allowed, relative to RTN's (relF at most ~1.005x RTN)
 
@@ -93,7 +95,8 @@ def round_to_fp16(ws: torch.Tensor, *, top_k: int, num_iter: int,
     elif top_k <= 0:
         return RoundingResult(ws.to(torch.float16), rtn_info)
     else:
-        q, info = _topk(w2, min(top_k, min(w2.shape)), min(num_iter, MAX_PASSES), cancel)
+        with torch.cuda.device(w2.device) if w2.is_cuda else contextlib.nullcontext():  # graphs, streams: its GPU
+            q, info = _topk(w2, min(top_k, min(w2.shape)), min(num_iter, MAX_PASSES), cancel)
     return RoundingResult(q.view(shape), info)
 
 
@@ -120,17 +123,19 @@ def neighbours(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """(rtn fp16, other fp16, e = rtn - ws, d = other - rtn), e and d float32 (both exact).
 
     `other` is the next fp16 value beyond `ws` on the side away from its RTN value; `d` is 0 where there is no
-    choice: `ws` exactly representable, or the other neighbour would be infinite.
+    choice: `ws` exactly representable, or the other neighbour would be infinite (`other` is then meaningless).
     """
     q = ws.to(torch.float16)
     qf = q.float()
     e = qf - ws
-    away = ws.abs() > qf.abs()
+    # the RTN value lies towards zero (|ws| > |rtn|) exactly when e and ws have opposite signs (e == 0: no choice)
+    away = torch.lt(e, 0) == torch.gt(ws, 0)
     # fp16 is sign-magnitude: +-1 on the bit pattern moves the magnitude one step away from / towards zero
-    other = (q.view(torch.int16) + (away.to(torch.int16) * 2 - 1)).view(torch.float16)
-    of = other.float()
-    valid = (e != 0) & torch.isfinite(of) & torch.isfinite(qf)
-    d = torch.where(valid, of - qf, 0.0)
+    bits = torch.add(q.view(torch.int16), away, alpha=2)
+    bits -= 1
+    other = bits.view(torch.float16)
+    # an infinite RTN value or other neighbour gives an infinite or NaN step: no choice there
+    d = torch.where(e != 0, other.float() - qf, 0.0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return q, other, e, d
 
 
@@ -171,8 +176,10 @@ def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: in
         w64.copy_(w2)
         blocks = graphs.buffer("krylov", (m, p * (iters + 1)), torch.float64)
         x = graphs.constant(("krylov_start", n, p, seed), lambda: _start_block(n, p, seed))
-        graphs.ensure(key, lambda: _krylov(w64, x, iters, blocks))
-        graphs.replay(key)
+        if graphs.ensure(key, lambda: _krylov(w64, x, iters, blocks)):
+            graphs.replay(key)
+        else:
+            _krylov(w64, x, iters, blocks)
     else:
         w64 = w2.double()
         blocks = torch.empty(m, p * (iters + 1), dtype=torch.float64, device=dev)
@@ -265,56 +272,65 @@ def _tiebreak(flat: torch.Tensor) -> torch.Tensor:
     return h.double() / 65536.0
 
 
-class _Neighbours:
-    """`neighbours` of `w2` row chunk by row chunk. On a GPU the chunks are computed once and kept (12 bytes per
-    element) for the three passes that need them (pool, RTN error matrix, final assembly); on the CPU they are
-    recomputed each time so that memory stays at one chunk."""
+class _RtnChunks:
+    """RTN value (fp16) and its error e = rtn - w (float32, exact) of `w2`, row chunk by row chunk. On a GPU the
+    chunks are computed once and kept (6 bytes per element) for the three passes that need them (pool, RTN error
+    matrix, final assembly); on the CPU they are recomputed each time so that memory stays at one chunk."""
 
     def __init__(self, w2: torch.Tensor):
         self.w2 = w2
         self.chunks = _row_chunks(*w2.shape, w2.device)
         self._keep = w2.device.type == "cuda"
-        self._cache: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __iter__(self):
         for c, (r0, r1) in enumerate(self.chunks):
-            nb = self._cache.get(c)
-            if nb is None:
-                nb = neighbours(self.w2[r0:r1])
+            qe = self._cache.get(c)
+            if qe is None:
+                ws = self.w2[r0:r1]
+                q = ws.to(torch.float16)
+                qe = (q, torch.sub(q, ws))  # promoted to float32 inside the kernel: exact
                 if self._keep:
-                    self._cache[c] = nb
-            yield r0, r1, nb
+                    self._cache[c] = qe
+            yield r0, r1, qe
 
 
-def _candidate_pool(w2: torch.Tensor, nbs: "_Neighbours | None" = None) -> tuple[torch.Tensor, ...]:
-    """The elements worth considering, compacted: (flat index, row, column, e, d, RTN relF) with e, d float64.
+def _near_midpoint(ws: torch.Tensor) -> torch.Tensor:
+    """Elements of float32 `ws` that lie within POOL_COST / 2 of an fp16 gap from a rounding midpoint, i.e. whose
+    flip to the other neighbour costs less than POOL_COST of the squared gap (d (2e + d) < POOL_COST d^2). Read off
+    the 13 low mantissa bits (the part fp16 drops; the midpoint is 0x1000) with integer operations: exact in fp16's
+    normal range; an fp16-subnormal element is tested against the same bits (harmless: the pool is only a
+    shortlist, each member's flip is costed exactly). Exact values (low bits 0) are never in it."""
+    half = 1 << 12
+    band = int(POOL_COST * half)  # |low - half| < POOL_COST * half
+    low = torch.bitwise_and(ws.view(torch.int32), 2 * half - 1)
+    return low.sub_(half).abs_() <= (band if band < POOL_COST * half else band - 1)
 
-    An element is in the pool if its flip costs at most POOL_COST of its squared fp16 gap (|e| >= 0.45 of the gap),
-    about a tenth of all inexact elements; the flips the passes choose are almost all far cheaper than that.
-    One host sync (the pool's size) per tensor.
-    """
+
+def _candidate_pool(w2: torch.Tensor, chunks: "_RtnChunks") -> tuple[torch.Tensor, ...]:
+    """The elements worth considering (`_near_midpoint`), compacted: (flat index, row, column, e, d, rtn, other,
+    RTN relF) with e, d float64 and rtn, other float16 (see `neighbours`). About POOL_COST of the inexact elements;
+    the flips the passes choose are almost all far cheaper than the pool's limit. One host sync (the pool's size)
+    per tensor."""
     m, n = w2.shape
-    idx, ee, dd = [], [], []
+    idx = []
     sums = torch.zeros(2, dtype=torch.float64, device=w2.device)
-    for r0, r1, (_, _, e, d) in (nbs if nbs is not None else _Neighbours(w2)):
-        sums += torch.stack([torch.dot(e.view(-1), e.view(-1)).double(),
-                             torch.dot(w2[r0:r1].reshape(-1), w2[r0:r1].reshape(-1)).double()])
-        keep = (d != 0) & (d * (2.0 * e + d) <= POOL_COST * d * d)
-        i = torch.nonzero(keep.view(-1)).view(-1)
-        idx.append(i + r0 * n)
-        ee.append(e.view(-1)[i])
-        dd.append(d.view(-1)[i])
+    for r0, r1, (_, e) in chunks:
+        ws = w2[r0:r1].reshape(-1)
+        sums += torch.stack([torch.dot(e.view(-1), e.view(-1)).double(), torch.dot(ws, ws).double()])
+        idx.append(torch.nonzero(_near_midpoint(ws)).view(-1) + r0 * n)
     idx = torch.cat(idx)
     e_sq, w_sq = sums.tolist()
     rtn_rel = (e_sq / w_sq) ** 0.5 if w_sq > 0 else 0.0
-    return idx, idx // n, idx % n, torch.cat(ee).double(), torch.cat(dd).double(), rtn_rel
+    rtn, other, e, d = neighbours(w2.reshape(-1)[idx])
+    return idx, idx // n, idx % n, e.double(), d.double(), rtn, other, rtn_rel
 
 
 def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> tuple[torch.Tensor, dict]:
     m, n = w2.shape
     dev = w2.device
-    nbs = _Neighbours(w2)
-    flat, rows, cols, e, d, rtn_rel = _candidate_pool(w2, nbs)
+    chunks = _RtnChunks(w2)
+    flat, rows, cols, e, d, rtn_pool, other_pool, rtn_rel = _candidate_pool(w2, chunks)
     # nothing worth moving: no inexact element (BF16 values in fp16's normal range) or an RTN error that is already
     # negligible (BF16 at scale 1, where only fp16 subnormals round): RTN, no basis needed
     if flat.numel() == 0 or rtn_rel <= NEGLIGIBLE_REL:
@@ -324,10 +340,10 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
 
     mat = torch.zeros(k, k, dtype=torch.float64, device=dev)  # U^T (Q - W) V of RTN
     rtn_sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for r0, r1, (_, _, e_rows, _) in nbs:
+    for r0, r1, (_, e_rows) in chunks:
         e64 = e_rows.double()
         mat += u[r0:r1].T @ (e64 @ v)
-        rtn_sq += (e64 * e64).sum()
+        rtn_sq += torch.dot(e64.view(-1), e64.view(-1))
 
     count = flat.numel()
     size = count if graphs is None else _bucket(count)
@@ -343,9 +359,8 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     s.v.copy_(v)
     s.mat_rtn.copy_(mat)
     s.rtn_sq.copy_(rtn_sq)
-    if graphs is not None and graphs.worth_capturing(key):
-        graphs.ensure(key + ("setup",), s.setup)
-        graphs.ensure(key + ("pass",), s.one_pass)  # its warm-up ran a pass: setup below starts afresh
+    if (graphs is not None and graphs.worth_capturing(key) and graphs.ensure(key + ("setup",), s.setup)
+            and graphs.ensure(key + ("pass",), s.one_pass)):  # its warm-up ran a pass: setup below starts afresh
         graphs.replay(key + ("setup",))
         step = lambda: graphs.replay(key + ("pass",))  # noqa: E731
     else:
@@ -361,13 +376,15 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         if dev.type == "cpu" and int(s.chosen) == len(STEPS):
             break
 
+    # RTN everywhere, then the pool's elements take their choice (one scatter over the pool, not a pass over W)
     flipped = s.flipped[:count]
-    sel = torch.zeros(m * n, dtype=torch.bool, device=dev)
-    sel[flat] = flipped
-    sel = sel.view(m, n)
-    q = torch.empty(m, n, dtype=torch.float16, device=dev)
-    for r0, r1, (rtn, other, _, _) in nbs:
-        q[r0:r1] = torch.where(sel[r0:r1], other, rtn)
+    if len(chunks.chunks) == 1:
+        q = next(iter(chunks))[2][0]  # the RTN tensor itself (this function's own)
+    else:
+        q = torch.empty(m, n, dtype=torch.float16, device=dev)
+        for r0, r1, (rtn, _) in chunks:
+            q[r0:r1] = rtn
+    q.view(-1).index_put_((flat,), torch.where(flipped, other_pool, rtn_pool))
     stats = torch.stack([s.mat.norm(), s.mat_rtn.norm(), torch.count_nonzero(flipped).double(),
                          s.spent / s.rtn_sq.clamp_min(1e-300)]).tolist()  # one sync
     topk, topk_rtn, flips, extra = stats
@@ -407,7 +424,8 @@ class _Search:
         self.change_cost = buf("change_cost", (size, k * k + 1), f64)
         self.change = self.change_cost[:, : k * k]
         self.flipped = buf("flipped", (size,), torch.bool)
-        self.spread = buf("spread", (size,), i64)
+        self.spread = buf("spread", (size,), i64)  # a bin for non-candidates (they add 0), spread out
+        self.base = buf("base", (size,), i64)      # start of element i's histogram copy
         self.mat, self.mat_rtn = buf("mat", (k, k), f64), buf("mat_rtn", (k, k), f64)
         self.rtn_sq, self.spent, self.budget = (buf(x, (), f64) for x in ("rtn_sq", "spent", "budget"))
         self.chosen = buf("chosen", (), i64)
@@ -415,7 +433,6 @@ class _Search:
         self.levels = buf("levels", (len(STEPS),), i64)
         # prefix sums over the levels as one product: row j sums levels j+1..S (prefix j+1); the last row is "none"
         self.suffix = buf("suffix", (len(STEPS) + 1, len(STEPS)), f64)
-        self.width = NBINS + SPREAD
 
     def setup(self) -> None:
         s, k, d = self, self.k, self.d
@@ -429,7 +446,9 @@ class _Search:
         vc = s.v.index_select(0, s.cols)
         s.change.view(-1, k, k).copy_(ud[:, :, None] * vc[:, None, :] * d[:, None, None])
         s.change_cost[:, k * k].copy_(s.cost)
-        torch.remainder(torch.arange(len(s.flat), device=d.device), SPREAD, out=s.spread).add_(NBINS)
+        pos = torch.arange(len(s.flat), device=d.device)
+        torch.remainder(pos, NBINS, out=s.spread)
+        torch.remainder(pos, REPLICAS, out=s.base).mul_(2 * NBINS)
         s.flipped.zero_()
         s.mat.copy_(s.mat_rtn)
         s.spent.zero_()
@@ -454,16 +473,16 @@ class _Search:
         gu, cu = gain * gain_unit, cost * cost_unit
         cand = (gain > 0) & (gu < FIXED_ONE) & (cu <= FIXED_ONE) & ~s.flipped
         b = (NBINS - 1) - ((gain / cost).view(torch.int64) >> MANTISSA_SHIFT)  # bin 0: the best ratios
-        index = torch.where(cand, b, s.spread)
-        # gain and cost histograms side by side, filled by one integer scatter (exact and order-free); rows, so
-        # that the cumulative sums run along the contiguous dimension (a scan across rows is ~100x slower on CUDA)
-        width = s.width
-        hist = torch.zeros(2, width, dtype=torch.int64, device=mat.device)
-        hist.view(-1).scatter_add_(0, torch.cat([index, index + width]),
-                                   torch.where(torch.cat([cand, cand]), torch.cat([gu.floor(), cu.ceil()]), 0.0).long())
-        cum = torch.cumsum(hist[:, :NBINS], 1)
-        gain_hist, cum_gain = hist[0, :NBINS], cum[0]
-        by_cost = torch.count_nonzero(cum[1] <= FIXED_ONE)
+        index = torch.where(cand, b, s.spread) + s.base
+        # gain and cost histograms side by side, filled by one integer scatter (exact and order-free) into
+        # REPLICAS copies that are summed after; one scan over both (the cost half minus the gain total)
+        hist = torch.zeros(REPLICAS * 2 * NBINS, dtype=torch.int64, device=mat.device)
+        hist.scatter_add_(0, torch.cat([index, index + NBINS]),
+                          torch.where(torch.cat([cand, cand]), torch.cat([gu.floor(), cu.ceil()]), 0.0).long())
+        hist = hist.view(REPLICAS, 2 * NBINS).sum(0)
+        cum = torch.cumsum(hist, 0)
+        gain_hist, cum_gain = hist[:NBINS], cum[:NBINS]
+        by_cost = torch.count_nonzero(cum[NBINS:] - cum[NBINS - 1] <= FIXED_ONE)
         # nested prefixes of the ranking (full first-order step, then shorter ones), all at once: level = in how
         # many of the prefixes an element is. The prefix that leaves the smallest ||M|| is taken, or none: each
         # pass can only lower the objective
@@ -524,6 +543,7 @@ class _DeviceGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(device)
         self.captures = 0
+        self.disabled = False
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A view of the shared buffer `name` (grown by a quarter beyond need when too small; growing drops
@@ -549,28 +569,43 @@ class _DeviceGraphs:
         """Capture on a key's second use: a shape that comes up once runs eagerly (capturing costs a few runs)."""
         if key in self._graphs:
             return True
+        if self.disabled:
+            return False
         self._seen[key] = self._seen.get(key, 0) + 1
         return self._seen[key] >= 2
 
-    def ensure(self, key: tuple, fn: Callable[[], None]) -> None:
-        """Capture `fn` under `key` unless captured. A capture runs `fn` once for warm-up (lazy library set-up
-        stays out of the graph), so `fn`'s effects must be made good by the caller."""
+    def ensure(self, key: tuple, fn: Callable[[], None]) -> bool:
+        """Capture `fn` under `key` unless captured; True when a graph is ready to replay. A capture runs `fn` once
+        for warm-up (lazy library set-up stays out of the graph), so `fn`'s effects must be made good by the
+        caller. If capturing fails (a PyTorch or driver without support for some operation), graphs are switched
+        off for this device with a warning and the caller runs `fn` eagerly: same results, more launches."""
         if key in self._graphs:
-            return
+            return True
+        if self.disabled:
+            return False
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(self._stream):
-            fn()
-            # thread-local: the converter's reader thread may use the device meanwhile
-            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-            try:
+        try:
+            with torch.cuda.stream(self._stream):
                 fn()
-            finally:
-                graph.capture_end()
+                # thread-local: the converter's reader thread may use the device meanwhile
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    fn()
+                finally:
+                    graph.capture_end()
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
+            current.wait_stream(self._stream)
+            self.disabled = True
+            self._drop_graphs()
+            warnings.warn(f"quant_core: CUDA graph capture failed on {self.device} ({exc}); the learned rounding "
+                          "runs without graphs (same results, slower)", RuntimeWarning, stacklevel=2)
+            return False
         current.wait_stream(self._stream)
         self._graphs[key] = graph
         self.captures += 1
+        return True
 
     def replay(self, key: tuple) -> None:
         self._graphs[key].replay()

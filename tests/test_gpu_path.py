@@ -68,3 +68,42 @@ def test_cuda_graph_replays_store_the_same_bytes_as_eager_and_cpu():
         assert torch.equal(cpu.q.view(torch.int16), b.q.cpu().view(torch.int16))
         assert b.info["flips"] > 0 and b.info["topk_ratio"] < 0.5
         assert a.info["flips"] == b.info["flips"] == cpu.info["flips"]
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_with_a_warning(monkeypatch):
+    from quant_core import rounding
+
+    g = torch.Generator().manual_seed(12)
+    weights = [0.02 * torch.randn(640, 1536, generator=g) for _ in range(3)]
+    cpu = [rounding.round_to_fp16(w, top_k=1, num_iter=256).q for w in weights]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture not supported here")
+
+    rounding.release_device_memory()
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", broken)
+    try:
+        with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+            got = [rounding.round_to_fp16(w.cuda(), top_k=1, num_iter=256).q.cpu() for w in weights]
+        assert rounding._device_graphs(torch.device("cuda")).disabled
+    finally:
+        rounding.release_device_memory()
+    for a, b in zip(cpu, got):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu_stores_the_same_bytes():
+    """Graphs, streams and buffers belong to the tensor's own GPU, whatever the current device is."""
+    from quant_core import rounding
+
+    g = torch.Generator().manual_seed(13)
+    weights = [0.02 * torch.randn(640, 1536, generator=g) for _ in range(3)]
+    try:
+        for w in weights:
+            q = rounding.round_to_fp16(w.to("cuda:1"), top_k=1, num_iter=256).q
+            assert q.device == torch.device("cuda:1")
+            assert torch.equal(q.cpu().view(torch.int16), rounding.round_to_fp16(w, top_k=1, num_iter=256).q.view(torch.int16))
+        assert rounding._device_graphs(torch.device("cuda:1")).captures >= 3
+    finally:
+        rounding.release_device_memory()
