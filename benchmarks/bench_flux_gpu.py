@@ -43,6 +43,17 @@ with safe_open(src, "pt") as f:
 """
 
 
+# the converter's CLI, printing the process's peak GPU memory (allocated through torch) to stderr when it exits
+OURS = r"""
+import sys, torch
+from quant_core.cli import main
+rc = main(sys.argv[1:])
+if torch.cuda.is_available():
+    print(f"    peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", file=sys.stderr)
+sys.exit(rc)
+"""
+
+
 def rss_anon_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -119,7 +130,7 @@ def main() -> None:
     size = os.path.getsize(src)
     out = os.path.join(args.dir, "out.safetensors")
     report = os.path.join(args.dir, "report.json")
-    ours = [sys.executable, "-m", "quant_core", "--input", src, "--output", out, "--overwrite", "--quiet",
+    ours = [sys.executable, "-c", OURS, "--input", src, "--output", out, "--overwrite", "--quiet",
             "--device", args.device]
     contenders = {
         "plain read->cast->write (CPU)": [sys.executable, "-c", PLAIN_LOOP, src, out],

@@ -70,15 +70,18 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--num-iter", type=int, default=256)
     ap.add_argument("--pool-cost", type=float, help="override rounding.POOL_COST (a tuning experiment)")
+    ap.add_argument("--eigh-on-cpu", action="store_true", help="small eigh with the CPU's LAPACK instead of the device")
     ap.add_argument("--fresh", type=int, default=5, help="new weights of each shape timed once each (median)")
     ap.add_argument("--no-identity", action="store_true", help="skip the CPU/GPU byte comparison")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    rounding.SMALL_EIGH_ON_CPU = args.eigh_on_cpu
     if args.pool_cost is not None:
         rounding.POOL_COST = args.pool_cost
     shapes = [(384, 1536), (1536, 384)] if args.small else [(3072, 12288), (12288, 3072), (4096, 10240)]
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}), torch "
-          f"{torch.__version__}, top_k {args.top_k}, num_iter {args.num_iter}, pool cost {rounding.POOL_COST}")
+          f"{torch.__version__}, top_k {args.top_k}, num_iter {args.num_iter}, pool cost {rounding.POOL_COST}, "
+          f"small eigh on {'the CPU' if rounding.SMALL_EIGH_ON_CPU else 'the device'}")
     print(f"{'shape':>12s} {'source':>6s} {'RTN ms':>8s} {'ours ms':>8s} {'new w ms':>8s} {'1st/2nd ms':>11s} "
           f"{'passes':>6s} {'topk ratio':>10s} {'exact topk':>10s} {'relF ratio':>10s} {'!=RTN %':>8s}")
     for shape in shapes:

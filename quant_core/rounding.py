@@ -41,7 +41,7 @@ OVERSAMPLE = 6           # extra vectors per Krylov block
 BASIS_SEED = 20240601
 USE_CUDA_GRAPHS = os.environ.get("QUANT_CORE_CUDA_GRAPHS", "1") != "0"  # see _DeviceGraphs
 GRAPH_BUCKETS_PER_OCTAVE = 8  # candidate pools are padded to one of this many sizes per octave
-SMALL_EIGH_ON_CPU = True  # small eigen-decompositions of the basis on the CPU even when W is on a GPU (see _eigh_small)
+SMALL_EIGH_ON_CPU = False  # True: small eigen-decompositions on the CPU even when W is on a GPU (see _eigh_small)
 EXACT_BASIS_DIM = 512    # up to this short side the exact basis (eigh of the small Gram matrix) is used
 NEGLIGIBLE_REL = 2.0 ** -20  # RTN relF below this (e.g. BF16 at scale 1: only subnormals inexact): keep RTN
 # The gain/cost ratio is binned by its float64 bit pattern: sign-free exponent plus the top 5 mantissa bits, i.e.
@@ -218,11 +218,12 @@ def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _eigh_small(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """eigh of a small (<= a few hundred) symmetric float64 matrix, always with the CPU's LAPACK. Measured on an
-    H100 host for 63x63: a round trip to the CPU 0.42 ms, cuSOLVER on the device 0.85 ms and ~60 kernel launches.
-    The same routine on every device also keeps CPU and GPU bases alike. (Eigenvector signs and the basis of a
-    repeated eigenvalue never matter downstream: u and v are built from the same vectors, and ||U^T E V|| is
-    invariant.)"""
+    """eigh of a small (<= a few hundred) symmetric float64 matrix on its own device (cuSOLVER on a GPU, LAPACK on
+    the CPU), or with the CPU's LAPACK when SMALL_EIGH_ON_CPU. A round trip to the CPU is cheaper in isolation (63x63
+    on an H100 host: 0.42 ms against 0.85 ms and ~60 kernel launches), but on a 32-core host LAPACK's threads made
+    it erratic: per-tensor medians 9-50 ms between runs against a steady 10-11 ms on the device. CPU and GPU stored
+    the same bytes either way (eigenvectors agree to rounding; signs and the basis of a repeated eigenvalue never
+    matter downstream: u and v are built from the same vectors, and ||U^T E V|| is invariant)."""
     if gram.device.type == "cpu" or not SMALL_EIGH_ON_CPU:
         return torch.linalg.eigh(gram)
     lam, vecs = torch.linalg.eigh(gram.cpu())  # cuSOLVER's syevd is ~60 small kernels per call
