@@ -100,7 +100,8 @@ def make_input(path: str, double_blocks: int, single_blocks: int, device: str, d
         return params
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(0)
-    with StreamingWriter(path, [(k, {"bf16": "BF16", "fp32": "F32"}[dtype], tuple(s)) for k, s in specs], None, True) as w:
+    st = {"bf16": "BF16", "fp32": "F32"}[dtype]
+    with StreamingWriter(path, [(k, st, tuple(s)) for k, s in specs], None, True) as w:
         for key, shape in specs:
             std = 0.01 if key.endswith(".bias") else 0.02
             t = std * torch.randn(shape, generator=gen, device=device)

@@ -80,7 +80,8 @@ def main() -> None:
                 sync()
             evs = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
             return sum(e.count for e in evs), sum(e.self_device_time_total for e in evs) / 1e3
-        for name, fn in [("basis", lambda: R.principal_basis(w, 1)), ("pool", lambda: R._candidate_pool(w, R._RtnChunks(w), R._pool_cost(1))),
+        for name, fn in [("basis", lambda: R.principal_basis(w, 1)),
+                         ("pool", lambda: R._candidate_pool(w, R._RtnChunks(w), R._pool_cost(1))),
                          ("all", lambda: R.round_to_fp16(w, top_k=1, num_iter=256)),
                          ("1 pass", lambda: R.round_to_fp16(w, top_k=1, num_iter=1))]:
             n, ms = count(fn)

@@ -59,6 +59,6 @@ def test_converted_minilm_embeds_like_fp32(tmp_path, minilm, settings):
     print(f"MiniLM {settings}: min cosine to FP32 over {len(cos)} sentences {float(cos.min()):.7f}")
     assert float(cos.min()) >= 0.99999, cos
     # and the file really is fp16: weights changed, but only by fp16 rounding
-    w = model.encoder.layer[0].attention.self.query.weight
-    wq = qmodel.encoder.layer[0].attention.self.query.weight
+    w = model.encoder.layer[0].attention.self.query.weight.detach()
+    wq = qmodel.encoder.layer[0].attention.self.query.weight.detach()
     assert not torch.equal(w, wq) and float((w - wq).norm() / w.norm()) < 1e-3
