@@ -25,7 +25,10 @@ def conversion_widgets(default_name: str = "") -> dict:
         "top_k": ("INT", {"default": 1, "min": 1, "max": 1024, "tooltip":
                   "Principal directions of each weight whose error the rounding minimises."}),
         "calib_samples": ("INT", {"default": 3072, "min": 0, "max": 1 << 20, "tooltip":
-                          "Calibration rows used when a calibration file is given."}),
+                          "Synthetic random rows for the out(randn) figure of the report (the output error on random inputs, "
+                          "beside round-to-nearest's), measured for every weight the learned rounding changed. Report "
+                          "only: random rows carry no information about a layer, so the file does not depend on it. "
+                          "0: no figure."}),
         "t5xxl": ("BOOLEAN", {"default": False, "tooltip":
                   "T5XXL text-encoder mode: drop decoder/lm_head, keep norms, biases and embeddings unquantized, "
                   "add scale_input; marker of shape [0]."}),

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "0 = plain round-to-nearest (default 256)")
     p.add_argument("--top_k", type=int, default=1, help="principal directions whose error the rounding "
                    "minimizes (default 1)")
-    p.add_argument("--calib_samples", type=int, default=3072, help="calibration rows used (default 3072)")
+    p.add_argument("--calib_samples", type=int, default=3072, help="synthetic random rows of the out(randn) "
+                   "report figure (default 3072; 0: none; the file does not depend on it)")
     p.add_argument("--calibration", metavar="FILE", help="calibration statistics from 'capture' (enables "
                    "activation-aware rounding and bias correction)")
     p.add_argument("--scale", choices=POLICIES, default="auto", help="auto: scale 1 unless a tensor would "

@@ -247,6 +247,8 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
         q, info = res.q, dict(res.info)
         if not torch.equal(q, q_rtn):
             _, m = measure(w, scale, q)
+            if options.calib_samples > 0 and layer_cal is None:  # calibrated layers report real output errors
+                m.update(_out_randn(w, q, q_rtn, scale, options.calib_samples, device))
     m["max_abs"] = max_abs
     if m["nonfinite"]:
         raise ConversionError(f"{path}: tensor '{key}' produced {m['nonfinite']} non-finite fp16 values")
@@ -258,6 +260,16 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
     m.update(info)
     m["seconds"] = time.perf_counter() - t0
     return q, torch.tensor([scale], dtype=torch.float32), m, delta
+
+
+def _out_randn(w: torch.Tensor, q: torch.Tensor, q_rtn: torch.Tensor, scale: float, samples: int,
+               device: torch.device) -> dict:
+    """The out(randn) figure (report only) for a weight the learned rounding changed, measured on `samples`
+    synthetic rows (`calib_samples`); on the CPU only where it is cheap enough (see rounding.OUT_RANDN_CPU_FLOP)."""
+    rounding = _rounding()
+    if device.type == "cpu" and rounding.out_randn_flop(tuple(w.shape), samples) > rounding.OUT_RANDN_CPU_FLOP:
+        return {"out_randn_skipped": "cost on the CPU"}
+    return rounding.synthetic_output_error(w, q.float() * scale, samples, rtn_deq=q_rtn.float() * scale)
 
 
 def convert_file(src: str, dst: str | None = None, options: ConvertOptions | None = None,

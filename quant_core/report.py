@@ -25,6 +25,8 @@ class Summary:
         self._topk: list[float] = []           # top-k error ratio of tensors the default mode worked on
         self._out: list[float] = []            # output error ratio (calibrated mode)
         self._out_bias: list[float] = []       # the same with the corrected bias
+        self._rand: list[float] = []           # out(randn) ratio on synthetic rows (tensors the rounding changed)
+        self._rand_skipped = 0
 
     def add(self, event: dict) -> None:
         self.counts[event["action"]] += 1
@@ -44,6 +46,10 @@ class Summary:
             self._out.append(m["output_error_ratio"])
         if "output_error_ratio_bias_corrected" in m:
             self._out_bias.append(m["output_error_ratio_bias_corrected"])
+        if "out_randn_ratio" in m:
+            self._rand.append(m["out_randn_ratio"])
+        if m.get("out_randn_skipped"):
+            self._rand_skipped += 1
         if event["dtype"] == "bfloat16":
             self._bf16_exact += m["bit_exact_fraction"] * m["numel"]
             self._bf16_n += m["numel"]
@@ -83,6 +89,11 @@ class Summary:
                 "calibrated_tensors": len(self._out),
                 "output_error_ratio_mean": _mean(self._out),
                 "output_error_ratio_bias_corrected_mean": _mean(self._out_bias),
+                # synthetic rows (calib_samples): report only, in expectation the relF ratio
+                "out_randn_tensors": len(self._rand),
+                "out_randn_ratio_mean": _mean(self._rand),
+                "out_randn_skipped": self._rand_skipped,
+                "out_randn_samples": self.settings.get("calib_samples"),
             },
             "worst": [{k: t[k] for k in ("key", "rel_error", "rtn_rel_error", "error_ratio")} for t in worst],
             "seconds": seconds,
@@ -140,6 +151,16 @@ def format_summary(report: dict) -> str:
                 f"(mean over {learned['calibrated_tensors']} tensors)")
         if learned["output_error_ratio_bias_corrected_mean"] is not None:
             line += f", {learned['output_error_ratio_bias_corrected_mean']:.3f}x with corrected biases"
+        lines.append(line)
+    if learned.get("out_randn_tensors") or learned.get("out_randn_skipped"):
+        line = "out(randn)"
+        if learned.get("out_randn_tensors"):
+            line += (f" on {learned['out_randn_samples']} synthetic rows: {learned['out_randn_ratio_mean']:.4f}x RTN's "
+                     f"output error (mean over {learned['out_randn_tensors']} changed tensors; random rows say nothing "
+                     "about a layer: this follows the relF ratio)")
+        if learned.get("out_randn_skipped"):
+            line += f"{';' if learned.get('out_randn_tensors') else ':'} skipped on {learned['out_randn_skipped']} " \
+                    "large tensors (too costly on the CPU; measured on a GPU)"
         lines.append(line)
     lines.append(f"bias correction: {report['bias_correction']}")
     if report["worst"]:

@@ -778,28 +778,39 @@ def _output_error_info(w2: torch.Tensor, q: torch.Tensor, cal: "LayerCalibration
 # synthetic calibration rows (report only)
 
 
-def synthetic_output_error(w: torch.Tensor, q_deq: torch.Tensor, samples: int, seed: int = 0,
-                           rows_per_step: int = 1024) -> dict:
-    """out(randn) of rounding.md: ||X (W - Q)^T|| / ||X W^T|| for `samples` rows of seeded standard-normal X, beside
-    the same for RTN. `w` [out, in] (or [out, ...]) in any float dtype, `q_deq` the stored weight dequantized to the
-    same units. Returns {"out_randn": float, "rtn_out_randn": float, "out_randn_ratio": float}.
+OUT_RANDN_CPU_FLOP = 2e10  # on the CPU, out(randn) is measured only for tensors up to this cost (~0.3 s on 2 cores)
 
-    Isotropic rows carry no information about the layer (in expectation this is relF), so this is a report only;
-    it never feeds the rounding or a bias. Cost: 2 * samples * in * out multiply-adds per call, in blocks of
-    `rows_per_step` rows (memory ~ rows_per_step * (in + 3 * out) floats)."""
+
+def out_randn_flop(shape: tuple[int, ...], samples: int) -> float:
+    """Multiply-adds x 2 of `synthetic_output_error` for a weight of `shape`: three products with the rows."""
+    out = shape[0]
+    return 6.0 * samples * out * (math.prod(shape) // max(out, 1))
+
+
+def synthetic_output_error(w: torch.Tensor, q_deq: torch.Tensor, samples: int, seed: int = 0,
+                           rows_per_step: int = 1024, rtn_deq: torch.Tensor | None = None) -> dict:
+    """out(randn) of rounding.md: ||X (Q - W)^T|| / ||X W^T|| for `samples` rows of seeded standard-normal X, beside
+    the same for RTN. `w` [out, in] (or [out, ...]) in any float dtype, `q_deq` the stored weight dequantized to the
+    same units, `rtn_deq` round-to-nearest's (default: `w` cast to fp16, right for scale 1). Returns
+    {"out_randn": float, "rtn_out_randn": float, "out_randn_ratio": float, "out_randn_samples": int}.
+
+    Isotropic rows carry no information about the layer (in expectation the ratio is the relF ratio), so this is a
+    report only; it never feeds the rounding or a bias. X is drawn on w's device from a generator seeded with
+    `seed` (the CPU and a GPU draw different rows, so the figure differs between them in its last digits; the
+    stored bytes do not). Cost: `out_randn_flop`, in blocks of `rows_per_step` rows (memory ~ rows_per_step *
+    (in + 3 * out) floats). Sums in float64, in a fixed order."""
     out = w.shape[0]
     wf = w.reshape(out, -1).float()
     e = q_deq.reshape(out, -1).float() - wf
-    er = w.reshape(out, -1).float().to(torch.float16).float() - wf
-    g = torch.Generator().manual_seed(seed)
-    acc = torch.zeros(3, dtype=torch.float64)
+    er = (rtn_deq.reshape(out, -1).float() if rtn_deq is not None else wf.to(torch.float16).float()) - wf
+    g = torch.Generator(device=wf.device).manual_seed(seed)
+    acc = torch.zeros(3, dtype=torch.float64, device=wf.device)
     done = 0
     while done < samples:
         r = min(rows_per_step, samples - done)
-        x = torch.randn(r, wf.shape[1], generator=g).to(wf.device)
-        acc += torch.stack([(x @ e.T).double().pow(2).sum(), (x @ er.T).double().pow(2).sum(),
-                            (x @ wf.T).double().pow(2).sum()]).cpu()
+        x = torch.randn(r, wf.shape[1], generator=g, device=wf.device)
+        acc += torch.stack([(x @ a.T).double().pow(2).sum() for a in (e, er, wf)])
         done += r
-    err, rtn, ref = (float(v) ** 0.5 for v in acc)
+    err, rtn, ref = (float(v) ** 0.5 for v in acc.tolist())
     return {"out_randn": err / ref if ref else 0.0, "rtn_out_randn": rtn / ref if ref else 0.0,
-            "out_randn_ratio": err / rtn if rtn else 1.0}
+            "out_randn_ratio": err / rtn if rtn else 1.0, "out_randn_samples": samples}

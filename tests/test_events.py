@@ -3,6 +3,7 @@
 import json
 
 import torch
+from safetensors.torch import load_file
 
 from quant_core import ConvertOptions, convert_file
 from quant_core.report import compact, format_summary
@@ -124,3 +125,58 @@ def test_bf16_default_mode_skips_the_rounding_pass(flux_bf16, t5_fp32, tmp_path,
     assert all(t["iterations"] == 0 and t["topk_ratio"] == 1.0 for t in report["tensors"] if t["method"] == "topk")
     fp32 = convert_file(t5_fp32, str(tmp_path / "t.safetensors"), ConvertOptions(t5xxl=True))
     assert len(calls) == fp32["counts"]["quantized"] > 0
+
+
+def test_calib_samples_sets_the_synthetic_rows_of_the_out_randn_figure(t5_fp32, tmp_path, monkeypatch):
+    """Without a calibration file, `calib_samples` is the number of synthetic rows of the out(randn) figure, measured
+    for every tensor the learned rounding changed: it changes the report, never the stored bytes."""
+    from quant_core import rounding
+
+    reports, files = [], []
+    for samples in (3072, 256):
+        out = str(tmp_path / f"t5-{samples}.safetensors")
+        reports.append(convert_file(t5_fp32, out, ConvertOptions(t5xxl=True, calib_samples=samples)))
+        files.append(load_file(out))
+    # the same tensors, bit for bit (the header's metadata records the settings, calib_samples among them)
+    assert files[0].keys() == files[1].keys()
+    assert all(torch.equal(files[0][k].view(torch.uint8), files[1][k].view(torch.uint8)) for k in files[0])
+    for rep, samples in zip(reports, (3072, 256)):
+        changed = [t for t in rep["tensors"] if t.get("changed_vs_rtn", 0) > 0]
+        assert changed and all(t["out_randn_samples"] == samples for t in changed)
+        assert all("out_randn" not in t for t in rep["tensors"] if t.get("changed_vs_rtn", 0) == 0)
+        learned = rep["learned"]
+        assert learned["out_randn_tensors"] == len(changed) and learned["out_randn_samples"] == samples
+        ratios = [t["out_randn_ratio"] for t in changed]
+        assert abs(learned["out_randn_ratio_mean"] - sum(ratios) / len(ratios)) < 1e-12
+        # random rows carry no information about a layer: the ratio follows the relF ratio (same rows for both)
+        for t in changed:
+            assert abs(t["out_randn_ratio"] - t["error_ratio"]) < 0.02, t
+        assert f"out(randn) on {samples} synthetic rows" in format_summary(rep)
+    # other rows, other figures (the rows are what calib_samples sets)
+    assert [t.get("out_randn") for t in reports[0]["tensors"]] != [t.get("out_randn") for t in reports[1]["tensors"]]
+    # calib_samples 0: no figure; on the CPU a tensor above the cost limit is skipped and counted
+    none = convert_file(t5_fp32, str(tmp_path / "none.safetensors"), ConvertOptions(t5xxl=True, calib_samples=0))
+    assert none["learned"]["out_randn_tensors"] == 0 and "out(randn)" not in format_summary(none)
+    monkeypatch.setattr(rounding, "OUT_RANDN_CPU_FLOP", 0.0)
+    skipped = convert_file(t5_fp32, str(tmp_path / "skip.safetensors"), ConvertOptions(t5xxl=True))
+    assert skipped["learned"]["out_randn_tensors"] == 0
+    assert skipped["learned"]["out_randn_skipped"] == reports[0]["learned"]["out_randn_tensors"]
+    assert "skipped on" in format_summary(skipped)
+
+
+def test_synthetic_output_error_is_the_output_error_on_the_drawn_rows():
+    """out(randn) against a direct computation with the same seeded rows."""
+    from quant_core.rounding import synthetic_output_error
+
+    g = torch.Generator().manual_seed(3)
+    w = 0.02 * torch.randn(48, 80, generator=g)
+    q = (w + 1e-4 * torch.randn(48, 80, generator=g)).half().float()
+    rtn = w.half().float()
+    got = synthetic_output_error(w, q, samples=300, seed=5, rows_per_step=128, rtn_deq=rtn)
+    rows = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(r, 80, generator=rows) for r in (128, 128, 44)]).double()
+    wd = w.double()
+    err, ref, base = ((x @ (q.double() - wd).T).norm(), (x @ wd.T).norm(), (x @ (rtn.double() - wd).T).norm())
+    assert abs(got["out_randn"] - float(err / ref)) < 1e-6 * float(err / ref)
+    assert abs(got["rtn_out_randn"] - float(base / ref)) < 1e-6 * float(base / ref)
+    assert abs(got["out_randn_ratio"] - float(err / base)) < 1e-6 and got["out_randn_samples"] == 300

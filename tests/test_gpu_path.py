@@ -21,12 +21,17 @@ def test_cpu_and_gpu_write_identical_bytes(tmp_path, kind, settings):
     else:  # both sides above 512: the top-k basis comes from the Krylov iteration, not the exact small-side SVD
         specs = [("blocks.0.mlp.weight", (640, 1536)), ("blocks.0.mlp.bias", (640,)), ("blocks.1.proj.weight", (1536, 640))]
         src = write_model(str(tmp_path / "m.safetensors"), specs, torch.float32, seed=7)
-    outs = []
+    outs, reports = [], []
     for device in ("cpu", "cuda"):
         out = str(tmp_path / f"{device}.safetensors")
-        convert_file(src, out, ConvertOptions(device=device, t5xxl=kind.startswith("t5"), **settings))
+        reports.append(convert_file(src, out, ConvertOptions(device=device, t5xxl=kind.startswith("t5"), **settings)))
         outs.append(open(out, "rb").read())
     assert outs[0] == outs[1]
+    # the out(randn) report figure: the same tensors on both devices, other random rows (drawn on each device)
+    cpu, gpu = (r["learned"] for r in reports)
+    assert cpu["out_randn_tensors"] == gpu["out_randn_tensors"]
+    if cpu["out_randn_tensors"]:
+        assert abs(cpu["out_randn_ratio_mean"] - gpu["out_randn_ratio_mean"]) < 0.01
 
 
 def test_tensor_source_on_gpu_writes_the_same_bytes(tmp_path):

@@ -162,6 +162,14 @@ def check_report_text(text: str, report: dict) -> None:
         assert _close(float(m.group(2)), learned["topk_ratio_mean"], rel=0.06, abs_=5e-4), (m.group(2), learned)
     else:
         assert m is None, text
+    m = re.search(r"^out\(randn\): ([\d.]+)× RTN \((\d+) rows, (\d+) tensors\)$", text, re.M)
+    if learned.get("out_randn_tensors"):
+        assert m, text
+        assert int(m.group(2)) == report["settings"]["calib_samples"] == learned["out_randn_samples"]
+        assert int(m.group(3)) == learned["out_randn_tensors"]
+        assert _close(float(m.group(1)), learned["out_randn_ratio_mean"], rel=0, abs_=5e-5), (m.group(1), learned)
+    else:
+        assert m is None, text
     worst = re.findall(r"^  (\S+) ([\d.e+-]+) \(([\d.]+)×\)$", text, re.M)
     assert len(worst) == min(3, len(report["worst"])), text
     for (key, rel, ratio), w in zip(worst, report["worst"]):

@@ -239,6 +239,13 @@ export function reportView(summary, { worstCount = 3, keyLength = 36, nameLength
     lines.push(`calibrated: output ${formatRatio(learned.output_error_ratio_mean)} RTN` +
       (isNum(withBias) ? `, ${formatRatio(withBias)} with bias` : "") + ` (${calN} tensors)`);
   }
+  // out(randn): the output error on `calib_samples` synthetic rows, for the tensors the learned step changed
+  const randN = toNumber(learned.out_randn_tensors);
+  if (isNum(randN) && randN > 0) {
+    const rows = toNumber(learned.out_randn_samples);
+    lines.push(`out(randn): ${formatRatio(learned.out_randn_ratio_mean, 4)} RTN` +
+      ` (${isNum(rows) ? `${rows} rows, ` : ""}${randN} tensors)`);
+  }
   const worst = (summary.worst || []).slice(0, worstCount).map((w) => ({
     key: shortenKey(w.key || "", keyLength),
     keyFull: w.key || "",

@@ -192,6 +192,14 @@ test("reportView: counts, size, error vs RTN, bit-exact share, worst tensors", (
     "calibrated: output 0.825× RTN, 0.653× with bias (36 tensors)"]);
   const tiny = reportView({ ...report, learned: { topk_tensors: 5, topk_ratio_mean: 0.000213 } }).lines;
   assert.equal(tiny[6], "learned: top-1 error 2.1e-4× RTN (5 tensors)");
+  // out(randn) on the calib_samples synthetic rows, where the learned step changed tensors
+  const randn = reportView({ ...report, learned: { topk_tensors: 5, topk_ratio_mean: 0.0548, out_randn_tensors: 5,
+    out_randn_ratio_mean: 1.000123, out_randn_samples: 3072, out_randn_skipped: 0 } }).lines;
+  assert.deepEqual(randn.slice(6), ["learned: top-1 error 0.055× RTN (5 tensors)",
+    "out(randn): 1.0001× RTN (3072 rows, 5 tensors)"]);
+  const noRandn = reportView({ ...report, learned: { topk_tensors: 5, topk_ratio_mean: 0.0548, out_randn_tensors: 0,
+    out_randn_ratio_mean: null } }).lines;
+  assert.equal(noRandn.length, 7);
   const none = reportView({ ...report, learned: { topk_tensors: 0, calibrated_tensors: 0 } }).lines;
   assert.equal(none.length, 6);
   // a long output name is cut in the middle, keeping its extension
