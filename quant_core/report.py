@@ -159,8 +159,8 @@ def format_summary(report: dict) -> str:
                      f"output error (mean over {learned['out_randn_tensors']} changed tensors; random rows say nothing "
                      "about a layer: this follows the relF ratio)")
         if learned.get("out_randn_skipped"):
-            line += f"{';' if learned.get('out_randn_tensors') else ':'} skipped on {learned['out_randn_skipped']} " \
-                    "large tensors (too costly on the CPU; measured on a GPU)"
+            line += (f"{';' if learned.get('out_randn_tensors') else ':'} skipped on {learned['out_randn_skipped']} "
+                     "large tensors (too costly on the CPU; measured on a GPU)")
         lines.append(line)
     lines.append(f"bias correction: {report['bias_correction']}")
     if report["worst"]:

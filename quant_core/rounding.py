@@ -296,6 +296,15 @@ class _RtnChunks:
                     self._cache[c] = qe
             yield r0, r1, qe
 
+    def rtn(self) -> torch.Tensor:
+        """The whole RTN tensor [m, n] fp16 (with one chunk, the chunk itself: this object's own)."""
+        if len(self.chunks) == 1:
+            return next(iter(self))[2][0]
+        q = torch.empty(self.w2.shape, dtype=torch.float16, device=self.w2.device)
+        for r0, r1, (rtn, _) in self:
+            q[r0:r1] = rtn
+        return q
+
 
 def _pool_cost(k: int) -> float:
     """The candidate pool's cost limit for top-k mode. MiniLM, mean top-k ratio by limit: k=1 0.0554 / 0.0558
@@ -317,8 +326,8 @@ def _near_midpoint(ws: torch.Tensor, pool_cost: float) -> torch.Tensor:
 
 
 def _candidate_pool(w2: torch.Tensor, chunks: "_RtnChunks", pool_cost: float) -> tuple[torch.Tensor, ...]:
-    """The elements worth considering (`_near_midpoint`), compacted: (flat index, row, column, e, d, rtn, other,
-    RTN relF) with e, d float64 and rtn, other float16 (see `neighbours`). About `pool_cost` of the inexact elements;
+    """The elements worth considering (`_near_midpoint`), compacted: (flat index, e, d, rtn, other, RTN relF) with
+    e, d float64 and rtn, other float16 (see `neighbours`). About `pool_cost` of the inexact elements;
     the flips the passes choose are almost all far cheaper than the pool's limit. One host sync (the pool's size)
     per tensor."""
     m, n = w2.shape
@@ -332,18 +341,18 @@ def _candidate_pool(w2: torch.Tensor, chunks: "_RtnChunks", pool_cost: float) ->
     e_sq, w_sq = sums.tolist()
     rtn_rel = (e_sq / w_sq) ** 0.5 if w_sq > 0 else 0.0
     rtn, other, e, d = neighbours(w2.reshape(-1)[idx])
-    return idx, idx // n, idx % n, e.double(), d.double(), rtn, other, rtn_rel
+    return idx, e.double(), d.double(), rtn, other, rtn_rel
 
 
 def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> tuple[torch.Tensor, dict]:
     m, n = w2.shape
     dev = w2.device
     chunks = _RtnChunks(w2)
-    flat, rows, cols, e, d, rtn_pool, other_pool, rtn_rel = _candidate_pool(w2, chunks, _pool_cost(k))
+    flat, e, d, rtn_pool, other_pool, rtn_rel = _candidate_pool(w2, chunks, _pool_cost(k))
     # nothing worth moving: no inexact element (BF16 values in fp16's normal range) or an RTN error that is already
     # negligible (BF16 at scale 1, where only fp16 subnormals round): RTN, no basis needed
     if flat.numel() == 0 or rtn_rel <= NEGLIGIBLE_REL:
-        return w2.to(torch.float16), _nothing_to_move(k)
+        return chunks.rtn(), _nothing_to_move(k)
     graphs = _device_graphs(dev)
     u, v = principal_basis(w2, k, graphs=graphs)
 
@@ -359,7 +368,7 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     key = ("search", m, n, k, size)
     s = _Search(m, n, k, size, dev, graphs)
     # the inputs of this tensor; padding (pool bucket beyond `count`) is inert: d = 0 gives no gain and no cost
-    for name, src in (("rows", rows), ("cols", cols), ("flat", flat), ("e", e), ("d", d)):
+    for name, src in (("flat", flat), ("e", e), ("d", d)):
         dst = getattr(s, name)
         dst[:count].copy_(src)
         if size > count:
@@ -387,12 +396,7 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
 
     # RTN everywhere, then the pool's elements take their choice (one scatter over the pool, not a pass over W)
     flipped = s.flipped[:count]
-    if len(chunks.chunks) == 1:
-        q = next(iter(chunks))[2][0]  # the RTN tensor itself (this function's own)
-    else:
-        q = torch.empty(m, n, dtype=torch.float16, device=dev)
-        for r0, r1, (rtn, _) in chunks:
-            q[r0:r1] = rtn
+    q = chunks.rtn()
     q.view(-1).index_put_((flat,), torch.where(flipped, other_pool, rtn_pool))
     stats = torch.stack([s.mat.norm(), s.mat_rtn.norm(), torch.count_nonzero(flipped).double(),
                          s.spent / s.rtn_sq.clamp_min(1e-300)]).tolist()  # one sync
@@ -412,7 +416,7 @@ class _Search:
     `one_pass` only update in place: on a GPU each is captured once as a CUDA graph per (shape, k, pool bucket) and
     replayed for every tensor that falls in that bucket (see `_DeviceGraphs`); on the CPU they simply run.
 
-    Inputs (written by the caller): rows, cols, flat (pool element positions), e, d (its RTN error and the step to
+    Inputs (written by the caller): flat (pool element positions in the [m, n] weight), e, d (its RTN error and the step to
     the other neighbour, float64), u [m, k], v [n, k], mat_rtn = U^T (Q_rtn - W) V, rtn_sq = ||Q_rtn - W||^2.
     Outputs: flipped (which pool elements take the other neighbour), mat (U^T (Q - W) V), spent (extra squared
     error), chosen (the step the last pass took; len(STEPS): none)."""
@@ -425,8 +429,8 @@ class _Search:
                 return graphs.buffer(name, shape, dtype)
             return torch.empty(shape, dtype=dtype, device=dev)
 
-        self.k = k
-        self.rows, self.cols, self.flat = (buf(x, (size,), i64) for x in ("rows", "cols", "flat"))
+        self.k, self.n = k, n
+        self.flat = buf("flat", (size,), i64)
         self.e, self.d, self.cost, self.pick = (buf(x, (size,), f64) for x in ("e", "d", "cost", "pick"))
         self.u, self.v = buf("u", (m, k), f64), buf("v", (n, k), f64)
         # [size, k*k + 1]: a flip's change of M (d u_row v_col^T, fixed for the whole search) and its cost
@@ -451,8 +455,8 @@ class _Search:
         s.pick.copy_(_tiebreak(s.flat))
         # flipping pool element i changes M by d_i u_{row i} v_{col i}^T: one product per pass then gives every
         # element's gain, and one more the change of M of each step's prefix
-        ud = s.u.index_select(0, s.rows)
-        vc = s.v.index_select(0, s.cols)
+        ud = s.u.index_select(0, torch.div(s.flat, s.n, rounding_mode="floor"))
+        vc = s.v.index_select(0, torch.remainder(s.flat, s.n))
         s.change.view(-1, k, k).copy_(ud[:, :, None] * vc[:, None, :] * d[:, None, None])
         s.change_cost[:, k * k].copy_(s.cost)
         pos = torch.arange(len(s.flat), device=d.device)
@@ -467,8 +471,7 @@ class _Search:
             s.targets[j].fill_(int(t * FIXED_ONE))
         torch.arange(1, len(STEPS) + 1, out=s.levels)
         s.suffix.fill_(1.0)
-        s.suffix.triu_()
-        s.suffix[len(STEPS)].zero_()
+        s.suffix.triu_()  # (S + 1) x S: the last row comes out zero
 
     def one_pass(self) -> None:
         """One refinement pass. Reads and updates `mat`, `spent`, `flipped`, `chosen` in place and never waits
