@@ -9,16 +9,44 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
+import threading
 
 from tqdm import tqdm
 
 from . import __version__
 from .convert import ConvertOptions, convert_file
-from .errors import ConversionError
-from .report import format_summary, write_json
+from .errors import Cancelled, ConversionError, safe_text
+from .report import format_summary
 from .scaling import POLICIES
+
+# Ctrl-C, `kill`/`docker stop` and a closed terminal all cancel the same way: the handler only records the signal;
+# the conversion sees it at its next check (between tensors and inside long loops), removes its temporary files and
+# the command prints one line and exits with status 2. Further signals while that happens change nothing.
+CANCEL_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class _SignalCancel:
+    def __init__(self):
+        self.event = threading.Event()
+        self.name: str | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.name is None:
+            self.name = signal.Signals(signum).name
+        self.event.set()
+
+    def install(self) -> None:
+        for sig in CANCEL_SIGNALS:
+            signal.signal(sig, self)
+
+    def cancel(self) -> bool:
+        return self.event.is_set()
+
+
+_signals = _SignalCancel()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +97,7 @@ class ProgressBar:
                             desc="converting", dynamic_ncols=True)
         elif event["type"] == "tensor" and self.bar is not None:
             m = event["metrics"]
-            post = f"{event['index']}/{event['total']} {event['action']} {event['key']}"
+            post = f"{event['index']}/{event['total']} {event['action']} {safe_text(event['key'])}"
             if event["action"] == "quantized":
                 post += f" err x{m['error_ratio']:.3f} vs RTN"
             self.bar.set_postfix_str(post, refresh=False)
@@ -87,22 +115,36 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "capture":
         from .capture import main as capture_main
         return capture_main(argv[1:])
+    if threading.current_thread() is threading.main_thread():
+        _signals.install()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # only where no handler is installed (e.g. main() called from another thread)
+        print("cancelled, no file written", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.demo:
         return _demo(args)
     if not args.input:
         build_parser().error("--input is required (or --demo)")
-    return _convert(args, args.input, args.output)
+    return _convert(args, args.input, args.output, args.report)
 
 
-def _convert(args, src: str, dst: str | None) -> int:
+def _convert(args, src: str, dst: str | None, report_path: str | None = None) -> int:
     options = ConvertOptions(t5xxl=args.t5xxl, keep_distillation=args.keep_distillation, num_iter=args.num_iter,
                              top_k=args.top_k, calib_samples=args.calib_samples, scale=args.scale,
                              calibration=args.calibration, device=args.device, overwrite=args.overwrite,
                              scaled_fp8_marker=args.scaled_fp8_marker)
     bar = ProgressBar(args.quiet)
     try:
-        report = convert_file(src, dst, options, on_event=bar)
+        report = convert_file(src, dst, options, on_event=bar, cancel=_signals.cancel, report_path=report_path)
+    except Cancelled as e:
+        bar.close()
+        print(f"{e} ({_signals.name})" if _signals.name else str(e), file=sys.stderr)
+        return 2
     except ConversionError as e:
         bar.close()
         print(f"error: {e}", file=sys.stderr)
@@ -111,11 +153,11 @@ def _convert(args, src: str, dst: str | None) -> int:
         bar.close()
         print("cancelled, no file written", file=sys.stderr)
         return 2
-    if args.report:
-        write_json(report, args.report)
+    for t in report.get("lossy", []):
+        print(safe_text(f"warning: tensor '{t['key']}' is materially lossy ({t['reason']})"), file=sys.stderr)
     if not args.quiet:
-        print(f"wrote {dst or report['output']}")
-        print(format_summary(report))
+        print(safe_text(f"wrote {dst or report['output']}"))
+        print(safe_text(format_summary(report), keep_newlines=True))
     return 0
 
 
@@ -127,13 +169,13 @@ def _demo(args) -> int:
     from .demo import demo_flux
 
     with tempfile.TemporaryDirectory(prefix="scaled-fp16-demo-") as folder:
-        for dtype, what, output in ((torch.bfloat16, "BF16, as FLUX ships", args.output),
-                                    (torch.float32, "FP32, as a training checkpoint would be", None)):
+        for dtype, what, output, report in ((torch.bfloat16, "BF16, as FLUX ships", args.output, args.report),
+                                            (torch.float32, "FP32, as a training checkpoint would be", None, None)):
             src = demo_flux(folder, dtype)
             if not args.quiet:
                 print(f"\ndemo: built a small FLUX-shaped model ({what}): {os.path.basename(src)} "
                       f"({os.path.getsize(src) / 1e6:.1f} MB)")
-            rc = _convert(args, src, output)
+            rc = _convert(args, src, output, report)
             if rc != 0:
                 return rc
         if not args.quiet:

@@ -21,13 +21,17 @@ import torch
 from . import __version__
 from . import format as fmt
 from .errors import Cancelled, ConversionError
-from .metrics import measure
-from .report import Summary
-from .safetensors_io import SafetensorsReader, StreamingWriter, check_input_path
+from .metrics import fp16_limit, in_safe_range, measure
+from .report import Summary, report_json
+from .safetensors_io import AtomicFile, SafetensorsReader, StreamingWriter, check_input_path, clean_stale_temps
 from .scaling import POLICIES, candidate_scale, worth_scaling
 
 EventCallback = Callable[[dict], None]
 CancelHook = Callable[[], object]
+# a quantized tensor whose stored values are this far from the weights (relative Frobenius error) is named as lossy
+# in the report and by the command line: fp16 rounding itself costs ~3e-4; this much means values were flushed to
+# zero or saturated (one power-of-two scale cannot cover the tensor's range)
+LOSSY_REL_ERROR = 1e-2
 
 
 @dataclass
@@ -66,16 +70,22 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise ConversionError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConversionError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConversionError(f"device '{name}' requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConversionError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
 
 
-def check_output_path(src: str | None, dst: str, overwrite: bool) -> None:
+def check_output_path(src: str | None, dst: str, overwrite: bool, calibration: str | None = None) -> None:
     if src is not None and os.path.realpath(src) == os.path.realpath(dst):
         raise ConversionError(f"{dst}: output is the input file; choose another output name")
+    if calibration and os.path.realpath(calibration) == os.path.realpath(dst):
+        raise ConversionError(f"{dst}: output is the calibration file; choose another output name")
     if os.path.isdir(dst):
         raise ConversionError(f"{dst}: is a folder; give an output file name")
     if os.path.exists(dst) and not overwrite:
@@ -85,6 +95,16 @@ def check_output_path(src: str | None, dst: str, overwrite: bool) -> None:
         raise ConversionError(f"{dst}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise ConversionError(f"{dst}: output folder {folder} is not writable")
+
+
+def check_report_path(report: str, src: str | None, dst: str, overwrite: bool, calibration: str | None = None) -> None:
+    """The JSON report's path obeys the output's rules (never an input, never the output, an existing file only with
+    overwrite, a writable folder); checked before any work."""
+    real = os.path.realpath(report)
+    for what, other in (("input", src), ("calibration file", calibration), ("output", dst)):
+        if other and real == os.path.realpath(other):
+            raise ConversionError(f"{report}: the report would replace the {what}; choose another report name")
+    check_output_path(None, report, overwrite)
 
 
 def _check_cancel(cancel: CancelHook | None, index: int, total: int) -> None:
@@ -223,12 +243,15 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
     if not math.isfinite(max_abs):
         raise ConversionError(f"{path}: tensor '{key}' contains NaN or infinite values; refusing to convert it")
     scale, alt = candidate_scale(max_abs, options.scale)
-    q_rtn, m = measure(w, scale, out=out)  # round-to-nearest, measured in the same pass
-    if alt is not None and worth_scaling(w, alt, m["rtn_err_sq"], m["w_sq"], m["tiny_err_sq"]):
+    q_rtn, m = measure(w, scale, out=out, max_abs=max_abs)  # round-to-nearest, measured in the same pass
+    if alt is not None and worth_scaling(w, alt, math.ldexp(m["rtn_err_sq"], m.get("sq_exp", 0)),
+                                         math.ldexp(m["w_sq"], m.get("sq_exp", 0)), m["tiny_err_sq"]):
         scale = alt
-        q_rtn, m = measure(w, scale, out=out)
+        q_rtn, m = measure(w, scale, out=out, max_abs=max_abs)
     q, info = q_rtn, {"method": "rtn"}
-    if options.num_iter > 0 and m["err_sq"] == 0.0:
+    if not in_safe_range(max_abs):
+        pass  # magnitudes no real weight has (beyond 2^+-40): round to nearest, measured in float64
+    elif options.num_iter > 0 and m["err_sq"] == 0.0:
         info = {"method": "exact"}  # every element is representable: there is nothing to round
     elif options.num_iter > 0 and (final := _rounding().rtn_is_final(
             tuple(w.shape), m["rel_error"], top_k=options.top_k, num_iter=options.num_iter,
@@ -246,12 +269,14 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
             raise ConversionError(f"{path}: tensor '{key}': {e}") from None
         q, info = res.q, dict(res.info)
         if not torch.equal(q, q_rtn):
-            _, m = measure(w, scale, q)
+            _, m = measure(w, scale, q, max_abs=max_abs)
             if options.calib_samples > 0 and layer_cal is None:  # calibrated layers report real output errors
                 m.update(_out_randn(w, q, q_rtn, scale, options.calib_samples, device))
     m["max_abs"] = max_abs
-    if m["nonfinite"]:
+    if m["nonfinite"]:  # cannot happen with the clamped scales; a guard against writing a broken file
         raise ConversionError(f"{path}: tensor '{key}' produced {m['nonfinite']} non-finite fp16 values")
+    if m["rel_error"] > LOSSY_REL_ERROR:
+        m["lossy"] = _lossy_reason(m)
     delta = None
     if layer_cal is not None:
         from .calibration import bias_correction
@@ -260,6 +285,15 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
     m.update(info)
     m["seconds"] = time.perf_counter() - t0
     return q, torch.tensor([scale], dtype=torch.float32), m, delta
+
+
+def _lossy_reason(m: dict) -> str:
+    parts = [f"relF {m['rel_error']:.3g}"]
+    if m["flushed_to_zero"]:
+        parts.append(f"{m['flushed_to_zero']} of {m['numel']} values stored as 0")
+    if m["max_abs"] > fp16_limit(m["scale"]) * m["scale"]:
+        parts.append("values beyond float32's range saturated")
+    return "; ".join(parts)
 
 
 def _out_randn(w: torch.Tensor, q: torch.Tensor, q_rtn: torch.Tensor, scale: float, samples: int,
@@ -273,31 +307,45 @@ def _out_randn(w: torch.Tensor, q: torch.Tensor, q_rtn: torch.Tensor, scale: flo
 
 
 def convert_file(src: str, dst: str | None = None, options: ConvertOptions | None = None,
-                 on_event: EventCallback | None = None, cancel: CancelHook | None = None) -> dict:
+                 on_event: EventCallback | None = None, cancel: CancelHook | None = None,
+                 report_path: str | None = None) -> dict:
     """Convert safetensors file `src` to a scaled-FP16 file `dst` and return the report (see report.py).
 
     `dst` defaults to the reference script's naming beside the input. `on_event` receives start/tensor/done events.
     `cancel` is called between tensors and inside long loops; it cancels by raising or by returning True. On any
     failure no output or temporary file is left and the input is never modified.
+
+    `report_path`: also write the report there as strict JSON. It is checked with the output before any work
+    (never an input or the output; an existing file only with `overwrite`) and written before the model is put in
+    place, so that either both appear or neither does.
     """
     options = options or ConvertOptions()
     options.validate()
     check_input_path(src)
     dst = dst or fmt.default_output_path(src, options.keep_distillation)
-    check_output_path(src, dst, options.overwrite)
+    check_output_path(src, dst, options.overwrite, options.calibration)
+    if report_path:
+        check_report_path(report_path, src, dst, options.overwrite, options.calibration)
     resolve_device(options.device)  # before opening anything: a bad device is a usage error
     with SafetensorsReader(src) as reader:
-        return convert(reader, dst, options, on_event, cancel)
+        return convert(reader, dst, options, on_event, cancel, report_path)
 
 
 def convert(source, dst: str, options: ConvertOptions | None = None, on_event: EventCallback | None = None,
-            cancel: CancelHook | None = None) -> dict:
+            cancel: CancelHook | None = None, report_path: str | None = None) -> dict:
     """Convert any tensor source (a `SafetensorsReader`, or a `sources.StateDictSource` for tensors in memory) to
-    the scaled-FP16 file `dst`. Same events, cancel and no-partial-file guarantees as `convert_file`."""
+    the scaled-FP16 file `dst`. Same events, cancel, report and no-partial-file guarantees as `convert_file`."""
     options = options or ConvertOptions()
     options.validate()
-    check_output_path(None, dst, options.overwrite)
+    check_output_path(source.path if isinstance(source, SafetensorsReader) else None, dst, options.overwrite,
+                      options.calibration)
+    if report_path:
+        check_report_path(report_path, source.path if isinstance(source, SafetensorsReader) else None, dst,
+                          options.overwrite, options.calibration)
     device = resolve_device(options.device)
+    started = time.time()
+    for folder in {os.path.dirname(os.path.abspath(p)) for p in (dst, report_path) if p}:
+        clean_stale_temps(folder, started)  # left by a conversion that was killed (no handler saw it)
     emit = on_event or (lambda e: None)
     rules = fmt.Rules(options.t5xxl, options.keep_distillation, options.scaled_fp8_marker)
     src = source.path
@@ -317,7 +365,8 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
     summary = Summary(src, dst, options.settings(), header.file_size)
     emit({"type": "start", "source": src, "output": dst, "total": total, "bytes_total": bytes_total,
           "settings": options.settings(), "device": str(device)})
-    with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer:
+    with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer, \
+            (AtomicFile(report_path, options.overwrite) if report_path else _NoFile()) as report_file:
         keys = [i.key for i in items if i.action != fmt.REMOVE]
         cuda = device.type == "cuda"
         # reusable host buffers: results for any source; reads only where the source can read into a buffer.
@@ -410,10 +459,29 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
             if cuda and "quant_core.rounding" in sys.modules:
                 _rounding().release_device_memory()  # captured graphs and their buffers: not between conversions
         prefetch.close()
+        writer.sync()
+        report = summary.finish(writer.total_bytes, time.perf_counter() - t_start)
+        if report_path:
+            report_file.write(report_json(report).encode("utf-8"))
+            report_file.sync()
+        _check_cancel(cancel, total, total)  # the last moment a cancel leaves nothing behind
         writer.commit()
-    report = summary.finish(os.path.getsize(dst), time.perf_counter() - t_start)
+        if report_path:
+            try:
+                report_file.commit()
+            except BaseException:
+                os.unlink(writer.path)  # both or neither
+                raise
     emit({"type": "done", "report": report})
     return report
+
+
+class _NoFile:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def _rounding():

@@ -13,6 +13,7 @@ distillation/in/out layers in their source dtype with ``scale_weight`` = 1.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -187,6 +188,9 @@ def iter_dequantized(path: str, dtype: torch.dtype | None = None) -> Iterator[tu
                 if s.numel() != 1:
                     raise ConversionError(f"{path}: '{scale_key}' must hold one value, has shape {list(s.shape)}")
                 scale = float(s[0])
+                if not (math.isfinite(scale) and scale > 0.0):  # NaN, inf, 0 or < 0 would load broken weights
+                    raise ConversionError(f"{path}: '{scale_key}' is {scale}; a scale must be finite and > 0 "
+                                          "(the file is damaged or was not written by a scaled-FP16 converter)")
                 if scale != 1.0:
                     w = t.float() * scale
                     t = w.to(dtype) if dtype is not None else w.to(_lossless_dtype(w))

@@ -8,9 +8,17 @@ conversion costs a single sweep. Sums are float32 per chunk, accumulated in floa
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FP16_MIN_NORMAL = 2.0 ** -14
+FP16_MAX = 65504.0
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# Inside this range of max|w| the float32 sums of the fast paths can neither overflow nor lose the figure to
+# underflow (squares of the relevant errors stay far above float32's smallest normal). Tensors outside it, which
+# real models do not have, are measured in float64 after normalising by a power of two (`_measure_wide`).
+SAFE_MIN, SAFE_MAX = 2.0 ** -40, 2.0 ** 40
 CPU_CHUNK = 1 << 17  # elements: 1 MiB of float32, stays in L2
 # the exact-source path reuses three preallocated buffers; with no allocation per step larger chunks win
 # (75M BF16 elements on 2 cores: 97 ms at 2^17, 60 ms at 2^19, 55 ms at 2^20; 12 MiB of buffers stay in L3)
@@ -22,8 +30,21 @@ def _chunks(n: int, device: torch.device, cpu_step: int = CPU_CHUNK):
     return ((i, min(i + step, n)) for i in range(0, n, step))
 
 
+def fp16_limit(scale: float) -> float:
+    """The largest fp16 value q with q * scale finite in float32 (65504 unless the scale is near float32's top)."""
+    x = min(FP16_MAX, FLOAT32_MAX / scale)
+    if x >= FP16_MAX:
+        return FP16_MAX
+    step = 2.0 ** (math.floor(math.log2(x)) - 10)  # fp16 spacing at x (x is far above fp16's subnormals here)
+    return math.floor(x / step) * step
+
+
+def in_safe_range(max_abs: float) -> bool:
+    return max_abs == 0.0 or SAFE_MIN <= max_abs <= SAFE_MAX
+
+
 def measure(w: torch.Tensor, scale: float, q: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+            out: torch.Tensor | None = None, max_abs: float | None = None) -> tuple[torch.Tensor, dict]:
     """Measure fp16 `q` (with power-of-two `scale`) against weight `w` (any float dtype), beside RTN.
 
     With ``q=None`` the RTN tensor is built in the same pass and measured (it is then both result and baseline);
@@ -33,8 +54,13 @@ def measure(w: torch.Tensor, scale: float, q: torch.Tensor | None = None,
     as 0), subnormal (stored fp16 subnormals), rel_error = ||Q-W||/||W||, rtn_rel_error, error_ratio
     (rel_error / rtn_rel_error; 1 when both are 0), max_rel_error (max |q*s-w| / max(|w|, s*2^-14): the relative
     error over fp16's normal range), bit_exact_fraction (dequantized == source), changed_vs_rtn, tiny (elements
-    below s*2^-14, where fp16 is subnormal), tiny_err_sq (a bound on the squared error of those), and internal sums err_sq, rtn_err_sq, w_sq (float64) for totals.
+    below s*2^-14, where fp16 is subnormal), tiny_err_sq (a bound on the squared error of those), and internal sums err_sq, rtn_err_sq, w_sq (float64) for totals, in units of 2^sq_exp (0 unless the
+    tensor is outside the safe range). `max_abs` (max |w|, if the caller has it) picks the path.
     """
+    if max_abs is None:
+        max_abs = float(w.abs().max()) if w.numel() else 0.0
+    if not in_safe_range(max_abs):
+        return _measure_wide(w, scale, q, out, max_abs)
     if q is None and w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu":
         return _measure_rtn_exact_source(w, scale, out)
     flat = w.reshape(-1)
@@ -153,6 +179,44 @@ def _measure_rtn_exact_source(w: torch.Tensor, scale: float,
     m = _finish(n, scale, e_sq, w_sq, inexact, nz_w - nz_q, below - (n - nz_q), e_sq, 0,
                 float("nan"), float(dmax.max()) / lim)
     m["tiny_err_sq"] = e_sq  # all of the error sits in the tiny elements
+    return q_flat.view(w.shape), m
+
+
+def _measure_wide(w: torch.Tensor, scale: float, q: torch.Tensor | None, out: torch.Tensor | None,
+                  max_abs: float) -> tuple[torch.Tensor, dict]:
+    """`measure` for tensors whose magnitudes would overflow or underflow float32 sums: float64 throughout, the sums
+    normalised by a power of two near max|w| (reported in units of 2^sq_exp), the dequantized values computed as a
+    loader computes them (fp16 times the float32 scale, in float32). RTN saturates at the largest fp16 value whose
+    product with the scale is finite in float32."""
+    flat = w.reshape(-1)
+    n = flat.numel()
+    wd = flat.double()
+    k = math.frexp(max_abs)[1] if max_abs > 0 else 0
+    norm = 2.0 ** k
+    qmax = fp16_limit(scale)
+    s32 = torch.tensor(scale, dtype=torch.float32, device=w.device)
+    r = (wd / scale).clamp_(-qmax, qmax).float().half()  # round to nearest, as the fast paths do (via float32)
+    if q is None:
+        q_flat = _fp16_buffer(out, n, w.device)
+        q_flat.copy_(r)
+    else:
+        q_flat = q.reshape(-1)
+    back = (q_flat.float() * s32).double()
+    thr = scale * FP16_MIN_NORMAL
+    d = (back - wd).div_(norm)
+    wn = wd / norm
+    dr = ((r.float() * s32).double() - wd).div_(norm)
+    a = wd.abs()
+    nz_w, nz_q = int(torch.count_nonzero(wd)), int(torch.count_nonzero(back))
+    below, tiny = int(torch.count_nonzero(back.abs() < thr)), int(torch.count_nonzero(a < thr))
+    inexact = int(torch.count_nonzero(d))
+    changed = int(torch.count_nonzero(r != q_flat))
+    e_sq, w_sq, rtn_sq = float(d @ d), float(wn @ wn), float(dr @ dr)
+    max_rel = float(((back - wd).abs() / a.clamp(min=thr)).max()) if n else 0.0
+    m = _finish(n, scale, e_sq, w_sq, inexact, nz_w - nz_q, below - (n - nz_q), rtn_sq, changed, max_abs, max_rel)
+    m["sq_exp"] = 2 * k
+    m["tiny_err_sq"] = tiny * (scale * 2.0 ** -25) ** 2  # absolute units, as in the fast paths
+    m["nonfinite"] = int(torch.count_nonzero(~torch.isfinite(q_flat))) + int(torch.count_nonzero(~torch.isfinite(back)))
     return q_flat.view(w.shape), m
 
 

@@ -7,10 +7,11 @@ beside the same figure for plain round-to-nearest (RTN).
 from __future__ import annotations
 
 import json
+import math
 import os
 
 WORST_N = 5
-_INTERNAL = ("err_sq", "rtn_err_sq", "w_sq")
+_INTERNAL = ("err_sq", "rtn_err_sq", "w_sq", "sq_exp")
 
 
 class Summary:
@@ -19,6 +20,8 @@ class Summary:
         self.counts = {"quantized": 0, "kept": 0, "removed": 0}
         self.tensors: list[dict] = []
         self._e = self._r = self._w = 0.0
+        self._x = 0  # the squared sums above are in units of 2^_x (0 unless a tensor needed float64 range)
+        self.lossy: list[dict] = []  # tensors whose stored values are materially wrong (flushed, saturated)
         self._bf16_exact = self._bf16_n = 0.0
         self._changed = self._n = 0.0
         self.biases_corrected = 0
@@ -35,9 +38,10 @@ class Summary:
             self.biases_corrected += 1
         if event["action"] != "quantized":
             return
-        self._e += m["err_sq"]
-        self._r += m["rtn_err_sq"]
-        self._w += m["w_sq"]
+        self._add_sums(m["err_sq"], m["rtn_err_sq"], m["w_sq"], m.get("sq_exp", 0))
+        if m.get("lossy"):
+            self.lossy.append({"key": event["key"], "rel_error": m["rel_error"],
+                               "flushed_to_zero": m["flushed_to_zero"], "reason": m["lossy"]})
         self._changed += m["changed_vs_rtn"] * m["numel"]
         self._n += m["numel"]
         if m.get("method") == "topk" and m.get("iterations", 0) > 0:
@@ -56,6 +60,16 @@ class Summary:
         row = {"key": event["key"], "shape": event["shape"], "dtype": event["dtype"]}
         row.update({k: v for k, v in m.items() if k not in _INTERNAL})
         self.tensors.append(row)
+
+    def _add_sums(self, e: float, r: float, w: float, x: int) -> None:
+        if x > self._x:  # rescale the totals to the larger unit (tiny totals may underflow: they do not matter)
+            self._e, self._r, self._w = (math.ldexp(v, self._x - x) for v in (self._e, self._r, self._w))
+            self._x = x
+        elif x < self._x:
+            e, r, w = (math.ldexp(v, x - self._x) for v in (e, r, w))
+        self._e += e
+        self._r += r
+        self._w += w
 
     def _bias_correction(self) -> str:
         if self.biases_corrected:
@@ -96,6 +110,7 @@ class Summary:
                 "out_randn_samples": self.settings.get("calib_samples"),
             },
             "worst": [{k: t[k] for k in ("key", "rel_error", "rtn_rel_error", "error_ratio")} for t in worst],
+            "lossy": list(self.lossy),
             "seconds": seconds,
             "tensors": self.tensors,
         }
@@ -116,11 +131,38 @@ def compact(report: dict) -> dict:
     return out
 
 
-def write_json(report: dict, path: str) -> None:
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    os.replace(tmp, path)
+def strict(obj, where: str = "", reasons: dict | None = None):
+    """`obj` with every NaN/Infinity replaced by None (JSON has neither); `reasons` collects where and what."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if reasons is not None:
+            reasons[where] = "NaN" if obj != obj else ("Infinity" if obj > 0 else "-Infinity")
+        return None
+    if isinstance(obj, dict):
+        return {k: strict(v, f"{where}.{k}" if where else str(k), reasons) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v, f"{where}[{i}]", reasons) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (str, int, bool, float)):
+        return obj
+    return strict(float(obj), where, reasons)  # e.g. a 0-d tensor
+
+
+def report_json(report: dict) -> str:
+    """The report as strict JSON: a figure that is not a finite number is null, and `null_reasons` says which
+    and what it was."""
+    reasons: dict[str, str] = {}
+    clean = strict(report, "", reasons)
+    if reasons:
+        clean["null_reasons"] = reasons
+    return json.dumps(clean, indent=1, allow_nan=False)
+
+
+def write_json(report: dict, path: str, overwrite: bool = True) -> None:
+    """Write the report as strict JSON, atomically (complete or not at all)."""
+    from .safetensors_io import AtomicFile
+
+    with AtomicFile(path, overwrite) as f:
+        f.write(report_json(report).encode("utf-8"))
+        f.commit()
 
 
 def _mb(n: int) -> str:

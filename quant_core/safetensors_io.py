@@ -8,10 +8,13 @@ file, so a crash, a cancel or a full disk never leaves a partial output behind.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
+import secrets
+import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -34,6 +37,16 @@ DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
 }
 TORCH_TO_ST = {dt: name for name, (dt, _) in DTYPES.items() if dt is not None}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+INT64_MAX = 2 ** 63 - 1
+
+try:  # advisory locks mark a temporary file as in use (POSIX); without them stale files are not cleaned up
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+# Temporary files of this converter: ".<final name, shortened if needed>.<8 hex>.sf16-partial" in the output folder.
+TEMP_SUFFIX = ".sf16-partial"
+_TEMP_RE = re.compile(r"^\..*\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + r"$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -108,8 +121,10 @@ def read_header(path: str) -> Header:
         raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, or an integer with too many digits
         raise ConversionError(f"{path}: not a safetensors file (header is not valid JSON: {e})") from None
+    except RecursionError:
+        raise ConversionError(f"{path}: not a safetensors file (header JSON is nested too deeply)") from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: not a safetensors file (header is not a JSON object)")
     meta = obj.pop("__metadata__", None) or {}
@@ -119,14 +134,21 @@ def read_header(path: str) -> Header:
     tensors = []
     for key, e in obj.items():
         try:
+            if not isinstance(e, dict) or not isinstance(e["shape"], list) or not isinstance(e["data_offsets"], list):
+                raise TypeError
             dtype, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
-                    or not isinstance(end, int):
+            if not all(_is_count(d) for d in shape) or not _is_count(begin) or not _is_count(end):
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise ConversionError(f"{path}: malformed header entry for tensor '{key}'") from None
-        if dtype not in DTYPES:
-            raise ConversionError(f"{path}: tensor '{key}' has unsupported dtype {dtype}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ConversionError(f"{path}: tensor '{key}' has unsupported dtype {str(dtype)[:40]}")
+        nonzero = 1
+        for d in shape:
+            nonzero *= d or 1
+        if nonzero > INT64_MAX or len(shape) > 64:
+            raise ConversionError(f"{path}: tensor '{key}' has an impossible shape (beyond 64-bit sizes or 64 "
+                                  "dimensions)")
         info = TensorInfo(key, dtype, shape, begin, end)
         if end < begin or info.nbytes != info.numel * DTYPES[dtype][1]:
             raise ConversionError(f"{path}: tensor '{key}' has data offsets {begin}..{end} that do not match "
@@ -137,6 +159,11 @@ def read_header(path: str) -> Header:
         tensors.append(info)
     tensors.sort(key=lambda t: (t.begin, t.end))
     return Header(path, {t.key: t for t in tensors}, dict(meta), 8 + n, size)
+
+
+def _is_count(x) -> bool:
+    """A non-negative integer that fits a 64-bit signed size (JSON true/false are not integers here)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= INT64_MAX
 
 
 class SafetensorsReader:
@@ -150,8 +177,10 @@ class SafetensorsReader:
         try:
             with safe_open(path, framework="pt", device="cpu"):
                 pass
-        except Exception as e:  # the library's own validation (overlaps, holes) as a clear message
-            raise ConversionError(f"{path}: not a valid safetensors file ({e})") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # the library's validation (overlaps, holes; a Rust panic is a BaseException)
+            raise ConversionError(f"{path}: not a valid safetensors file ({str(e)[:200]})") from None
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor into fresh (anonymous) CPU memory.
@@ -176,7 +205,7 @@ class SafetensorsReader:
         if info.nbytes:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY)
-            mv = memoryview(view.numpy())
+            mv = byte_view(view)
             offset, done = self.header.data_start + info.begin, 0
             while done < info.nbytes:
                 try:
@@ -200,12 +229,182 @@ class SafetensorsReader:
         self.close()
 
 
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview of the bytes of a contiguous CPU tensor (no copy, and no numpy: torch may come
+    without it). The view keeps `t` alive."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray(0))
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    arr = (ctypes.c_char * n).from_address(t.data_ptr())
+    arr._tensor = t  # the memory belongs to the tensor: keep it alive as long as the view
+    return memoryview(arr).cast("B")
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     t = t.detach().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return byte_view(t)
+
+
+def temp_name(final_path: str, token: str) -> str:
+    """The temporary file's path for `final_path`: ".<name>.<token>.sf16-partial" beside it, with <name> shortened
+    so that the temporary name is never longer than the budget the final name had (the folder's NAME_MAX, and
+    PATH_MAX for the whole path): every valid output name has a valid temporary name."""
+    folder, name = os.path.split(os.path.abspath(final_path))
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    budget = min(name_max, max(len(os.fsencode(name)), 4095 - len(os.fsencode(folder)) - 1))
+    fixed = 2 + len(token) + len(TEMP_SUFFIX)
+    stem = name
+    while stem and len(os.fsencode(stem)) + fixed > budget:
+        stem = stem[:-1]
+    return os.path.join(folder, f".{stem}.{token}{TEMP_SUFFIX}")
+
+
+def clean_stale_temps(folder: str, older_than: float) -> list[str]:
+    """Remove temporary files this converter left in `folder` when it was killed (SIGKILL, power loss): files named
+    like ours, older than `older_than` (a time.time()), which start like a safetensors or JSON file and which no
+    live process holds (a writer holds an advisory lock on its temporary file until it is done). Returns the
+    removed paths. Without advisory locks (not POSIX) nothing is removed."""
+    removed: list[str] = []
+    if fcntl is None:
+        return removed
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not _TEMP_RE.match(name):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_mtime >= older_than:
+                continue
+            head = os.pread(fd, 9, 0)
+            if head and not (head[:1] == b"{" or head[8:9] == b"{"):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live conversion is writing it
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+class AtomicFile:
+    """A file that appears at `path` complete or not at all.
+
+    Bytes go to a temporary file beside `path` (see `temp_name`), created with the mode a plain open() would give
+    under the user's umask and locked (advisory) so that `clean_stale_temps` never takes it from a live writer.
+    `commit()` fsyncs it, gives it the mode of the file it replaces (if any) and renames it into place; `abort()`
+    (also on leaving a `with` block without commit) removes it.
+    """
+
+    def __init__(self, path: str, overwrite: bool = False):
+        self.path = os.path.abspath(path)
+        self.overwrite = overwrite
+        self.tmp_path: str | None = None
+        self._fd: int | None = None
+        folder = os.path.dirname(self.path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        for _ in range(100):
+            tmp = temp_name(self.path, secrets.token_hex(4))
+            try:
+                fd = os.open(tmp, flags, 0o666)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise ConversionError(f"{self.path}: cannot write to folder {folder} ({e.strerror})") from None
+            break
+        else:  # pragma: no cover
+            raise ConversionError(f"{self.path}: cannot create a temporary file in {folder}")
+        self._fd, self.tmp_path = fd, tmp
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass  # a file system without locks: the file is still ours, only stale-file cleanup cannot see that
+
+    def write(self, data) -> None:
+        try:
+            view = memoryview(data).cast("B")
+            while view.nbytes:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            raise ConversionError(f"{self.path}: write failed ({e.strerror or e}); no output was written") from None
+
+    def sync(self) -> None:
+        """Make the bytes durable (before the rename that publishes them)."""
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise ConversionError(f"{self.path}: write failed ({e.strerror or e}); no output was written") from None
+
+    def commit(self) -> None:
+        try:
+            if not self.overwrite and os.path.exists(self.path):
+                raise ConversionError(f"{self.path}: already exists (use overwrite)")
+            try:
+                os.fchmod(self._fd, stat.S_IMODE(os.stat(self.path).st_mode))  # replacing: keep that file's mode
+            except FileNotFoundError:
+                pass
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self.tmp_path, self.path)
+        except OSError as e:
+            self.abort()
+            raise ConversionError(f"{self.path}: cannot finish writing ({e.strerror or e})") from None
+        except BaseException:
+            self.abort()
+            raise
+        self.tmp_path = None
+        try:  # make the rename itself durable
+            dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        if self.tmp_path:
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+        self.tmp_path = None
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp_path is not None:
+            self.abort()
 
 
 class StreamingWriter:
@@ -235,27 +434,16 @@ class StreamingWriter:
         blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
         self.total_bytes = 8 + len(blob) + offset
         self._next = 0
-        folder = os.path.dirname(self.path)
+        self._file = AtomicFile(self.path, overwrite)
         try:
-            fd, self.tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".",
-                                                 suffix=".partial", dir=folder)
-        except OSError as e:
-            raise ConversionError(f"{self.path}: cannot write to folder {folder} ({e.strerror})") from None
-        self._f = os.fdopen(fd, "wb", buffering=0)
-        try:
-            self._write(struct.pack("<Q", len(blob)) + blob)
+            self._file.write(struct.pack("<Q", len(blob)) + blob)
         except BaseException:
             self.abort()
             raise
 
-    def _write(self, data) -> None:
-        try:
-            view = memoryview(data)
-            while view.nbytes:
-                n = self._f.write(view)
-                view = view[n:]
-        except OSError as e:
-            raise ConversionError(f"{self.path}: write failed ({e.strerror or e}); no output was written") from None
+    @property
+    def tmp_path(self) -> str | None:
+        return self._file.tmp_path
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._entries):
@@ -265,46 +453,26 @@ class StreamingWriter:
         if key != want_key or got_dtype != want_dtype or tuple(tensor.shape) != tuple(want_shape):
             raise ValueError(f"tensor '{key}' {got_dtype}{list(tensor.shape)} does not match the plan: "
                              f"'{want_key}' {want_dtype}{list(want_shape)}")
-        self._write(tensor_bytes(tensor.cpu()))
+        self._file.write(tensor_bytes(tensor.cpu()))
         self._next += 1
+
+    def sync(self) -> None:
+        """Check that everything planned was written and make it durable; `commit()` then only renames."""
+        if self._next != len(self._entries):
+            raise ValueError(f"only {self._next} of {len(self._entries)} planned tensors were written")
+        self._file.sync()
 
     def commit(self) -> None:
         if self._next != len(self._entries):
             raise ValueError(f"only {self._next} of {len(self._entries)} planned tensors were written")
-        try:
-            os.fsync(self._f.fileno())
-            self._f.close()
-            if not self.overwrite and os.path.exists(self.path):
-                raise ConversionError(f"{self.path}: already exists (use overwrite)")
-            os.replace(self.tmp_path, self.path)
-        except OSError as e:
-            self.abort()
-            raise ConversionError(f"{self.path}: cannot finish writing ({e.strerror or e})") from None
-        except BaseException:
-            self.abort()
-            raise
-        try:  # make the rename itself durable
-            dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-        self.tmp_path = None
+        self._file.commit()
 
     def abort(self) -> None:
-        try:
-            self._f.close()
-        except OSError:
-            pass
-        if self.tmp_path and os.path.exists(self.tmp_path):
-            os.unlink(self.tmp_path)
-        self.tmp_path = None
+        self._file.abort()
 
     def __enter__(self) -> "StreamingWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp_path is not None:
+        if self._file.tmp_path is not None:
             self.abort()

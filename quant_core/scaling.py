@@ -22,6 +22,10 @@ import torch
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14
+# Scales stay where float32 (the scale's own dtype, and the dtype loaders dequantize in) keeps them exact and usable:
+# a normal float32 (flushing subnormals to zero, as GPUs may, cannot zero a weight), 1/scale finite in float32, and
+# room for 2^15 * scale. Real weights never reach either end; tensors beyond them saturate or flush, measured.
+SCALE_MIN, SCALE_MAX = 2.0 ** -126, 2.0 ** 113
 # auto keeps scale 1 unless scaling lowers the relative RTN error by more than 1% *and* by more than 1e-6 in
 # absolute relF (about 0.4% of fp16's own rounding error on fp32 data): a BF16 tensor whose few tiny values lose a
 # bit or two in fp16 subnormals (relF ~1e-9) keeps scale 1.
@@ -31,11 +35,12 @@ POLICIES = ("auto", "pow2")
 
 
 def pow2_scale(max_abs: float) -> float:
-    """The power of two s with max_abs / s in [2^14, 2^15); 1.0 for an all-zero tensor."""
+    """The power of two s with max_abs / s in [2^14, 2^15), kept within [SCALE_MIN, SCALE_MAX]; 1.0 for an all-zero
+    tensor."""
     if not math.isfinite(max_abs) or max_abs <= 0.0:
         return 1.0
     _, e = math.frexp(max_abs)  # max_abs = m * 2^e, m in [0.5, 1)
-    return math.ldexp(1.0, e - 15)
+    return min(max(math.ldexp(1.0, e - 15), SCALE_MIN), SCALE_MAX)
 
 
 def rtn_error_sq(wf: torch.Tensor, scale: float) -> float:
@@ -43,8 +48,8 @@ def rtn_error_sq(wf: torch.Tensor, scale: float) -> float:
     q = (wf / scale if scale != 1.0 else wf).to(torch.float16).float()
     if scale != 1.0:
         q = q * scale
-    d = q - wf
-    return float(torch.sum(d * d, dtype=torch.float64))
+    d = (q - wf).double()  # squares in float64: the error of tiny weights would underflow float32
+    return float(torch.dot(d, d))
 
 
 def candidate_scale(max_abs: float, policy: str = "auto") -> tuple[float, float | None]:
