@@ -32,6 +32,9 @@ CancelHook = Callable[[], object]
 # in the report and by the command line: fp16 rounding itself costs ~3e-4; this much means values were flushed to
 # zero or saturated (one power-of-two scale cannot cover the tensor's range)
 LOSSY_REL_ERROR = 1e-2
+# ... or when this share of its values is stored as 0 although the weight is not (a real model's tiniest values
+# flush at a rate of ~1e-5 at most)
+LOSSY_FLUSHED = 1e-2
 
 
 @dataclass
@@ -275,7 +278,7 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
     m["max_abs"] = max_abs
     if m["nonfinite"]:  # cannot happen with the clamped scales; a guard against writing a broken file
         raise ConversionError(f"{path}: tensor '{key}' produced {m['nonfinite']} non-finite fp16 values")
-    if m["rel_error"] > LOSSY_REL_ERROR:
+    if m["rel_error"] > LOSSY_REL_ERROR or m["flushed_to_zero"] > LOSSY_FLUSHED * m["numel"]:
         m["lossy"] = _lossy_reason(m)
     delta = None
     if layer_cal is not None:
@@ -363,10 +366,10 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
     bytes_total = sum(i.nbytes for i in items)
     meta = fmt.metadata(header.metadata, src, options.settings(), __version__)
     summary = Summary(src, dst, options.settings(), header.file_size)
-    emit({"type": "start", "source": src, "output": dst, "total": total, "bytes_total": bytes_total,
-          "settings": options.settings(), "device": str(device)})
     with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer, \
             (AtomicFile(report_path, options.overwrite) if report_path else _NoFile()) as report_file:
+        emit({"type": "start", "source": src, "output": dst, "total": total, "bytes_total": bytes_total,
+              "settings": options.settings(), "device": str(device)})
         keys = [i.key for i in items if i.action != fmt.REMOVE]
         cuda = device.type == "cuda"
         # reusable host buffers: results for any source; reads only where the source can read into a buffer.

@@ -20,7 +20,7 @@ class Summary:
         self.counts = {"quantized": 0, "kept": 0, "removed": 0}
         self.tensors: list[dict] = []
         self._e = self._r = self._w = 0.0
-        self._x = 0  # the squared sums above are in units of 2^_x (0 unless a tensor needed float64 range)
+        self._x: int | None = None  # unit of the squared sums above: 2^_x (0 unless a tensor needed float64 range)
         self.lossy: list[dict] = []  # tensors whose stored values are materially wrong (flushed, saturated)
         self._bf16_exact = self._bf16_n = 0.0
         self._changed = self._n = 0.0
@@ -62,6 +62,8 @@ class Summary:
         self.tensors.append(row)
 
     def _add_sums(self, e: float, r: float, w: float, x: int) -> None:
+        if self._x is None:
+            self._x = x
         if x > self._x:  # rescale the totals to the larger unit (tiny totals may underflow: they do not matter)
             self._e, self._r, self._w = (math.ldexp(v, self._x - x) for v in (self._e, self._r, self._w))
             self._x = x
