@@ -292,6 +292,8 @@ def clean_stale_temps(folder: str, older_than: float) -> list[str]:
             if not stat.S_ISREG(st.st_mode) or st.st_mtime >= older_than:
                 continue
             head = os.pread(fd, 9, 0)
+            if not head and st.st_mtime >= older_than - 60:
+                continue  # empty: possibly created a moment ago by a writer that has not taken its lock yet
             if head and not (head[:1] == b"{" or head[8:9] == b"{"):
                 continue
             try:
