@@ -54,8 +54,9 @@ def measure(w: torch.Tensor, scale: float, q: torch.Tensor | None = None,
     as 0), subnormal (stored fp16 subnormals), rel_error = ||Q-W||/||W||, rtn_rel_error, error_ratio
     (rel_error / rtn_rel_error; 1 when both are 0), max_rel_error (max |q*s-w| / max(|w|, s*2^-14): the relative
     error over fp16's normal range), bit_exact_fraction (dequantized == source), changed_vs_rtn, tiny (elements
-    below s*2^-14, where fp16 is subnormal), tiny_err_sq (a bound on the squared error of those), and internal sums err_sq, rtn_err_sq, w_sq (float64) for totals, in units of 2^sq_exp (0 unless the
-    tensor is outside the safe range). `max_abs` (max |w|, if the caller has it) picks the path.
+    below s*2^-14, where fp16 is subnormal), tiny_err_sq (a bound on the squared error of those), and internal
+    sums err_sq, rtn_err_sq, w_sq (float64) for totals, in units of 2^sq_exp (only tensors outside the safe range
+    carry sq_exp; it is 0 otherwise). `max_abs` (max |w|, if the caller has it) picks the path.
     """
     if max_abs is None:
         max_abs = float(w.abs().max()) if w.numel() else 0.0
@@ -216,7 +217,8 @@ def _measure_wide(w: torch.Tensor, scale: float, q: torch.Tensor | None, out: to
     m = _finish(n, scale, e_sq, w_sq, inexact, nz_w - nz_q, below - (n - nz_q), rtn_sq, changed, max_abs, max_rel)
     m["sq_exp"] = 2 * k
     m["tiny_err_sq"] = tiny * (scale * 2.0 ** -25) ** 2  # absolute units, as in the fast paths
-    m["nonfinite"] = int(torch.count_nonzero(~torch.isfinite(q_flat))) + int(torch.count_nonzero(~torch.isfinite(back)))
+    m["nonfinite"] = int(torch.count_nonzero(~torch.isfinite(q_flat))) + int(
+        torch.count_nonzero(~torch.isfinite(back)))
     return q_flat.view(w.shape), m
 
 
