@@ -38,15 +38,19 @@ class _SignalCancel:
             self.name = signal.Signals(signum).name
         self.event.set()
 
-    def install(self) -> None:
-        for sig in CANCEL_SIGNALS:
-            signal.signal(sig, self)
+    def install(self) -> dict:
+        """Handle the signals (main thread only); returns the previous handlers for `restore`."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self) for sig in CANCEL_SIGNALS}
+
+    @staticmethod
+    def restore(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def cancel(self) -> bool:
         return self.event.is_set()
-
-
-_signals = _SignalCancel()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,21 +115,29 @@ class ProgressBar:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line. As a program (`argv` None) the signal handlers stay until the process exits, so that
+    the rest of a burst of Ctrl-C cannot interrupt the exit; called with an explicit `argv` (from Python) the
+    previous handlers are put back on return."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "capture":
         from .capture import main as capture_main
         return capture_main(argv[1:])
-    if threading.current_thread() is threading.main_thread():
-        _signals.install()
+    signals = _SignalCancel()
+    previous = signals.install()
     try:
-        return _main(argv)
+        return _main(argv, signals)
     except KeyboardInterrupt:  # only where no handler is installed (e.g. main() called from another thread)
         print("cancelled, no file written", file=sys.stderr)
         return 2
+    finally:
+        if not as_program:
+            signals.restore(previous)
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], signals: _SignalCancel) -> int:
     args = build_parser().parse_args(argv)
+    args.signals = signals
     if args.demo:
         return _demo(args)
     if not args.input:
@@ -140,10 +152,10 @@ def _convert(args, src: str, dst: str | None, report_path: str | None = None) ->
                              scaled_fp8_marker=args.scaled_fp8_marker)
     bar = ProgressBar(args.quiet)
     try:
-        report = convert_file(src, dst, options, on_event=bar, cancel=_signals.cancel, report_path=report_path)
+        report = convert_file(src, dst, options, on_event=bar, cancel=args.signals.cancel, report_path=report_path)
     except Cancelled as e:
         bar.close()
-        print(f"{e} ({_signals.name})" if _signals.name else str(e), file=sys.stderr)
+        print(f"{e} ({args.signals.name})" if args.signals.name else str(e), file=sys.stderr)
         return 2
     except ConversionError as e:
         bar.close()
