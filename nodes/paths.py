@@ -8,6 +8,7 @@ directory, which ComfyUI registers as a model folder, so they appear in loader d
 
 from __future__ import annotations
 
+import json
 import os
 
 import folder_paths
@@ -19,8 +20,30 @@ CALIBRATION_KIND = "scaled_fp16_calibration"
 NO_CALIBRATION = "none"
 
 
-class OutputNameError(ValueError):
+# ComfyUI shows an exception's class as `<module>.<name>`; a pack's module is its folder path, so user errors get a
+# short module of their own (the UI then reads `scaled_fp16.OutputNameError`)
+USER_ERROR_MODULE = "scaled_fp16"
+
+
+class UserError(Exception):
+    """Something the user can fix (a name, a file, a setting); one line that says what and how. The server log gets
+    that line, not a traceback (see nodes/__init__.py)."""
+
+
+class OutputNameError(UserError, ValueError):
     """An output name the user typed cannot be used; the message says why and what to do."""
+
+
+class SourceError(UserError):
+    """The chosen model file cannot be used (missing, not safetensors, damaged)."""
+
+
+class ConversionFailed(UserError):
+    """The converter refused the input (e.g. a NaN in a weight); the message names the file and the tensor."""
+
+
+for _cls in (UserError, OutputNameError, SourceError, ConversionFailed):
+    _cls.__module__ = USER_ERROR_MODULE
 
 
 def register_calibration_folder() -> None:
@@ -53,7 +76,10 @@ def calibration_path(choice: str | None) -> str | None:
     if not choice or choice == NO_CALIBRATION:
         return None
     register_calibration_folder()
-    return folder_paths.get_full_path_or_raise(CALIBRATION_KIND, choice)
+    path = folder_paths.get_full_path(CALIBRATION_KIND, choice)
+    if path is None:
+        raise SourceError(f"calibration file '{choice}' not found in models/{CALIBRATION_KIND}")
+    return path
 
 
 def loader_name(kind: str, widget_value: str, override: str | None) -> str:
@@ -67,7 +93,10 @@ def loader_name(kind: str, widget_value: str, override: str | None) -> str:
 
 
 def full_path(kind: str, name: str) -> str:
-    return folder_paths.get_full_path_or_raise(kind, name)
+    path = folder_paths.get_full_path(kind, name)
+    if path is None or not os.path.isfile(path):
+        raise SourceError(f"model '{kind}/{name}' not found; put it into models/{kind} (or pick another file)")
+    return path
 
 
 def file_signature(*paths: str) -> str:
@@ -110,7 +139,7 @@ def checked_output_name(name: str) -> str:
     return name
 
 
-def output_path(kind: str, name: str, overwrite: bool) -> tuple[str, str]:
+def output_path(kind: str, name: str, overwrite: bool, why: str = "") -> tuple[str, str]:
     """(full path, name as loader dropdowns show it) for a converted file of `kind`.
 
     Refuses a name that exists in any folder of the kind unless `overwrite`; even then a same-named file in another
@@ -130,8 +159,8 @@ def output_path(kind: str, name: str, overwrite: bool) -> tuple[str, str]:
             raise OutputNameError(f"'{name}' already exists in {other}; the loaders would open that file instead. "
                                   "Choose another output name.")
         if not overwrite:
-            raise OutputNameError(f"'{name}' already exists in {folder}; choose another output name or enable "
-                                  "overwrite")
+            raise OutputNameError(f"'{name}' already exists in {folder}{why}; choose another output name or "
+                                  "enable overwrite")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path, name
 
@@ -139,3 +168,76 @@ def output_path(kind: str, name: str, overwrite: bool) -> tuple[str, str]:
 def refresh_file_list(kind: str) -> None:
     """Drop ComfyUI's cached file list of `kind` so the next dropdown request sees the new file."""
     folder_paths.filename_list_cache.pop(kind, None)
+
+
+# --- up to date: a converted file made from the same source with the same settings is not converted again --------
+
+RECORD_SUFFIX = ".report.json"  # beside the output; ComfyUI's model lists show .safetensors files only
+RECORD_FORMAT = "scaled_fp16.record"
+# settings that change the report only, never the file's bytes
+REPORT_ONLY_SETTINGS = ("calib_samples",)
+
+
+def record_path(output: str) -> str:
+    return output + RECORD_SUFFIX
+
+
+def _stat(path: str | None) -> dict | None:
+    if not path:
+        return None
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def byte_settings(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in REPORT_ONLY_SETTINGS}
+
+
+def write_record(output: str, source: str, settings: dict, calibration: str | None, summary: dict) -> None:
+    """Remember what `output` was made from, and its report (written after the output is in place)."""
+    record = {"format": RECORD_FORMAT, "version": 1, "source": {"name": os.path.basename(source), **_stat(source)},
+              "calibration": _stat(calibration), "settings": byte_settings(settings), "output": _stat(output),
+              "report": summary}
+    tmp = record_path(output) + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, record_path(output))
+
+
+def _setting_changes(old: dict, new: dict) -> list[str]:
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def up_to_date(output: str, source: str, settings: dict, calibration: str | None) -> tuple[dict | None, str]:
+    """(stored report, "") when `output` exists, is the file our record describes (size, mtime) and was made from
+    `source` as it is now (size, mtime; the file's own metadata names the same source and settings) with the same
+    byte-affecting settings; else (None, why not)."""
+    from ..quant_core.safetensors_io import read_header  # noqa: PLC0415 (torch-free callers of paths stay light)
+
+    try:
+        with open(record_path(output)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None, " (no record of what it was made from)"
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return None, " (no record of what it was made from)"
+    if record.get("output") != _stat(output):
+        return None, " (it changed after it was converted)"
+    src = record.get("source") or {}
+    if src.get("name") != os.path.basename(source) or {k: src.get(k) for k in ("size", "mtime_ns")} != _stat(source):
+        return None, f" (made from another source or an older {os.path.basename(source)})"
+    wanted = byte_settings(settings)
+    changes = _setting_changes(record.get("settings") or {}, wanted)
+    if changes:
+        return None, f" (made with other settings: {', '.join(changes)})"
+    if record.get("calibration") != _stat(calibration):
+        return None, " (made with another calibration file)"
+    try:
+        meta = read_header(output).metadata or {}
+        stored = byte_settings(json.loads(meta.get("scaled_fp16.settings", "{}")))
+    except Exception:  # noqa: BLE001 - a damaged file is simply not up to date
+        return None, " (its header cannot be read)"
+    if meta.get("scaled_fp16.source") != os.path.basename(source) or _setting_changes(stored, wanted):
+        return None, " (its metadata names another source or other settings)"
+    report = record.get("report")
+    return (report, "") if isinstance(report, dict) else (None, " (no stored report)")

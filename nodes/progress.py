@@ -69,10 +69,16 @@ class ConversionProgress:
 
     # --- called by the nodes ---------------------------------------------------------------------------------
 
-    def finished(self, report: dict, output_name: str) -> dict:
-        """Send the report; returns the summary for the node's `ui` output."""
-        summary = _json_safe(compact(report))
+    def finished(self, report: dict, output_name: str, extra: dict | None = None) -> dict:
+        """Send the report (plus `extra` fields); returns the summary for the node's `ui` output."""
+        summary = _json_safe({**compact(report), **(extra or {})})
         summary["output_name"] = output_name
+        self._send(REPORT_EVENT, {"report": summary})
+        return summary
+
+    def reused(self, summary: dict, output_name: str) -> dict:
+        """An up-to-date file is returned instead of converting again: send its stored report, marked as such."""
+        summary = _json_safe({**summary, "output_name": output_name, "up_to_date": True})
         self._send(REPORT_EVENT, {"report": summary})
         return summary
 

@@ -46,7 +46,9 @@ def save_graph_model(parts: list[tuple[str, list]], kind: str, output_name: str,
         report = run_conversion(source, dst, options, progress)
         steps_done += len(tensors)
         saved.append(saved_name)
-        summaries.append(progress.finished(report, saved_name))
+        # the size in is the weights as the graph holds them in memory (e.g. fp32 on a --cpu server), not a file
+        in_memory = sorted({info.dtype for info in source.header.tensors.values() if info.is_float})
+        summaries.append(progress.finished(report, saved_name, {"source_in_memory": in_memory}))
     paths.refresh_file_list(kind)
     result = node_result(", ".join(saved), summaries[-1])
     result["ui"]["fp16lr_report"] = summaries

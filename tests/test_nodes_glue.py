@@ -201,11 +201,112 @@ def test_convert_refuses_clash_with_clear_error_and_ui_event(comfy):
                 torch.bfloat16)
     n = node(pack, "ScaledFP16Convert")
     n.convert("diffusion_models/m.safetensors", unique_id="3", **convert_kwargs(output_name="out"))
-    with pytest.raises(ValueError, match="already exists"):
-        n.convert("diffusion_models/m.safetensors", unique_id="3", **convert_kwargs(output_name="out"))
+    with pytest.raises(ValueError, match=r"already exists .*\(made with other settings: num_iter 0 -> 2\).*overwrite"):
+        n.convert("diffusion_models/m.safetensors", unique_id="3", **convert_kwargs(output_name="out", num_iter=2))
     (err,) = rec.of("fp16lr.error")
     assert err["node"] == "3" and err["cancelled"] is False and "already exists" in err["message"]
-    n.convert("diffusion_models/m.safetensors", unique_id="3", **convert_kwargs(output_name="out", overwrite=True))
+    n.convert("diffusion_models/m.safetensors", unique_id="3", **convert_kwargs(output_name="out", overwrite=True,
+                                                                               num_iter=2))
+    assert len(rec.of("fp16lr.report")) == 2
+
+
+def _progress_count(rec):
+    return len(rec.of("fp16lr.progress"))
+
+
+def test_convert_up_to_date_returns_the_file_and_its_report_at_once(comfy):
+    pack, rec = comfy
+    src = write_model(os.path.join(models(pack.base, "diffusion_models"), "m.safetensors"), small_flux_specs(),
+                      torch.float32, seed=4)
+    cls = pack.NODE_CLASS_MAPPINGS["ScaledFP16Convert"]
+    kw = convert_kwargs(output_name="o", num_iter=3)
+    first = cls().convert("diffusion_models/m.safetensors", unique_id="2", **kw)
+    dst = os.path.join(pack.base, "output", "diffusion_models", "o.safetensors")
+    stat = os.stat(dst)
+    tensors = _progress_count(rec)
+    assert tensors == len(small_flux_specs()) and os.path.exists(dst + ".report.json")
+    key = cls.IS_CHANGED("diffusion_models/m.safetensors", output_name="o")
+
+    # the same source and byte-affecting settings: no conversion, the stored report, marked up to date
+    for extra in ({}, {"calib_samples": 16}, {"overwrite": True}):
+        again = cls().convert("diffusion_models/m.safetensors", unique_id="2", **{**kw, **extra})
+        assert again["result"] == first["result"]
+        (report,) = again["ui"]["fp16lr_report"]
+        assert report["up_to_date"] is True
+        assert {k: v for k, v in report.items() if k != "up_to_date"} == first["ui"]["fp16lr_report"][0]
+        assert rec.of("fp16lr.report")[-1]["report"] == report  # the panel gets it live too
+        assert _progress_count(rec) == tensors and os.stat(dst).st_mtime_ns == stat.st_mtime_ns
+        assert cls.IS_CHANGED("diffusion_models/m.safetensors", output_name="o") == key  # stable
+
+    # the source changed (same name): refused without overwrite, saying why; nothing written
+    write_model(src, small_flux_specs(), torch.float32, seed=5)
+    with pytest.raises(ValueError, match=r"made from another source or an older m\.safetensors"):
+        cls().convert("diffusion_models/m.safetensors", unique_id="2", **kw)
+    assert os.stat(dst).st_mtime_ns == stat.st_mtime_ns
+    assert cls.IS_CHANGED("diffusion_models/m.safetensors", output_name="o") != key
+    cls().convert("diffusion_models/m.safetensors", unique_id="2", **{**kw, "overwrite": True})
+    assert _progress_count(rec) == 2 * tensors
+    assert cls().convert("diffusion_models/m.safetensors", unique_id="2", **kw)["ui"]["fp16lr_report"][0][
+        "up_to_date"]
+
+    # a file without our record (e.g. written by another tool) is not up to date
+    os.remove(dst + ".report.json")
+    with pytest.raises(ValueError, match="no record of what it was made from"):
+        cls().convert("diffusion_models/m.safetensors", unique_id="2", **kw)
+
+
+def test_user_errors_have_clean_names_one_line_and_no_traceback_in_the_log(comfy, caplog):
+    import logging
+    pack, rec = comfy
+    paths = sys.modules[stand_ins.PACK_MODULE + ".nodes.paths"]
+    cls = pack.NODE_CLASS_MAPPINGS["ScaledFP16Convert"]
+    folder = models(pack.base, "diffusion_models")
+    write_model(os.path.join(folder, "m.safetensors"), small_flux_specs(), torch.bfloat16)
+    with open(os.path.join(folder, "broken.safetensors"), "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    cases = [("diffusion_models/missing.safetensors", {}, paths.SourceError, "not found"),
+             ("diffusion_models/broken.safetensors", {}, paths.ConversionFailed, "broken.safetensors"),
+             ("diffusion_models/m.safetensors", {"output_name": "../x"}, paths.OutputNameError, r"'\.\.'")]
+    for model, extra, error, message in cases:
+        # IS_CHANGED never raises (ComfyUI would log a WARNING each time): the node reports the problem once
+        changed = cls.IS_CHANGED(model, output_name=extra.get("output_name", ""))
+        assert changed.startswith("unusable") == (error is not paths.ConversionFailed), changed
+        with pytest.raises(error, match=message) as info:
+            cls().convert(model, unique_id="9", **convert_kwargs(**extra))
+        e = info.value
+        assert f"{type(e).__module__}.{type(e).__name__}" == f"scaled_fp16.{error.__name__}"
+        assert "\n" not in str(e)
+        # what ComfyUI's executor does with a node's exception: a message line, then the traceback
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            try:
+                raise e
+            except Exception as ex:
+                logging.error(f"!!! Exception during processing !!! {ex}")
+                logging.error("Traceback (most recent call last):\n  ...")
+        assert [r.getMessage().splitlines()[0] for r in caplog.records] == [
+            f"!!! Exception during processing !!! {e}"]
+    assert len(rec.of("fp16lr.error")) == len(cases)  # the panel hears of each one too
+    # any other exception keeps its traceback
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        try:
+            raise RuntimeError("a bug")
+        except RuntimeError:
+            logging.error("Traceback (most recent call last):\n  ...")
+    assert len(caplog.records) == 1
+
+
+def test_widget_tooltips_say_where_they_stop_mattering(comfy):
+    pack, _ = comfy
+    from quant_core import rounding
+    required = pack.NODE_CLASS_MAPPINGS["ScaledFP16Convert"].INPUT_TYPES()["required"]
+    tips = {name: spec[1]["tooltip"] for name, spec in required.items()}
+    assert f"every value from {rounding.MAX_PASSES} up gives the same file" in tips["num_iter"]
+    assert "report shows the passes used" in tips["num_iter"]
+    assert "same for every value" in tips["calib_samples"]
+    assert "up to date" in tips["overwrite"]
+    assert all(len(t) > 40 for t in tips.values())
 
 
 def test_interrupt_stops_within_a_tensor_and_leaves_no_file(comfy):
@@ -381,7 +482,10 @@ def test_save_model_applies_patches_streams_and_cleans_up(comfy):
     assert rec.progress[-1][:2] == (n, n)  # one bar, one step per tensor
     meta = safe_open_metadata(os.path.join(folder, "lora-merged.safetensors"))
     assert meta["scaled_fp16.source"] == "ComfyUI graph (model)"
-    assert len(rec.of("fp16lr.report")) == 1
+    (report,) = rec.of("fp16lr.report")
+    # the size in is the graph's weights in memory: bf16 as held, the patched weight in float32
+    assert report["report"]["source_in_memory"] == ["BF16", "F32"]
+    assert out["ui"]["fp16lr_report"][0]["source_in_memory"] == ["BF16", "F32"]
     cls = pack.NODE_CLASS_MAPPINGS["ScaledFP16SaveModel"]
     before = cls.IS_CHANGED(output_name="lora-merged")
     os.unlink(os.path.join(folder, "lora-merged.safetensors"))

@@ -66,15 +66,22 @@ def install(base_dir: str) -> tuple[types.ModuleType, Recorder]:
         fp.filename_list_cache[kind] = sorted(names)
         return sorted(names)
 
-    def get_full_path_or_raise(kind, name):
+    def get_full_path(kind, name):
         for folder in get_folder_paths(kind):
             p = os.path.join(folder, name)
             if os.path.isfile(p):
                 return p
-        raise FileNotFoundError(f"Model in folder '{kind}' with filename '{name}' not found.")
+        return None
+
+    def get_full_path_or_raise(kind, name):
+        p = get_full_path(kind, name)
+        if p is None:
+            raise FileNotFoundError(f"Model in folder '{kind}' with filename '{name}' not found.")
+        return p
 
     fp.get_folder_paths = get_folder_paths
     fp.get_filename_list = get_filename_list
+    fp.get_full_path = get_full_path
     fp.get_full_path_or_raise = get_full_path_or_raise
     fp.get_output_directory = lambda: output
 
