@@ -58,11 +58,12 @@ class ComfyServer:
         if not os.path.exists(python):
             python = "python3"
         log_path = os.path.join(base_dir, "server.log")
-        log = open(log_path, "w")
+        log = open(log_path, "a")  # appended: a restarted server keeps the log of the first run
         proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                  "--base-directory", base_dir, "--disable-auto-launch"],
                                 cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         server = cls(f"http://127.0.0.1:{port}", base_dir, proc, log_path)
+        server.comfy_dir = comfy_dir
         deadline = time.time() + timeout
         while time.time() < deadline:
             if proc.poll() is not None:
@@ -87,6 +88,18 @@ class ComfyServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+    def restart(self, timeout: float = 180) -> None:
+        """Stop a server this object started and start it again on the same port and base directory (what a user's
+        restart does: caches gone, files kept); this object keeps working."""
+        assert self.process is not None and getattr(self, "comfy_dir", None), "only a server the test started"
+        self.stop()
+        fresh = ComfyServer.start(self.comfy_dir, self.base_dir, port=urllib.parse.urlparse(self.url).port,
+                                  timeout=timeout)
+        fresh.events.stop()
+        self.process, self.log_path = fresh.process, fresh.log_path
+        self.events = EventStream(self.url, self.client_id)
+        self.events.start()
 
     def alive(self) -> bool:
         try:

@@ -103,7 +103,13 @@ async function panels(page) {
         el.dataset.fp16lrNode,
         { phase: el.dataset.phase ?? "idle", text: el.dataset.text ?? "", shown: el.isConnected && el.getBoundingClientRect().height > 0,
           inVueNode: !!el.closest(".lg-node"), chartColumns: [...el.querySelectorAll("canvas")].map((c) => Number(c.dataset.columns || 0)),
-          chartLabels: [...el.querySelectorAll("canvas")].map((c) => c.dataset.label ?? "") },
+          chartLabels: [...el.querySelectorAll("canvas")].map((c) => c.dataset.label ?? ""),
+          mount: el.dataset.fp16lrMount ?? null,
+          // lines cut short (an ellipsis or hidden overflow), the live key line excepted: it is shortened on purpose
+          cutLines: [...el.querySelectorAll(".fp16lr-line:not(.fp16lr-key)")].filter((l) => l.scrollWidth > l.clientWidth + 1).map((l) => l.textContent),
+          // content hidden below the panel's box
+          clipped: el.scrollHeight > el.clientHeight + 2,
+          tips: [...el.querySelectorAll(".fp16lr-line")].filter((l) => l.title).length },
       ]),
     ),
   );
@@ -193,6 +199,17 @@ await step("run", async () => {
   return { registered, nodes: { big, small }, promptId, midShot, timeline, final: await panels(page) };
 });
 
+// 2b. The same graph queued again: both outputs are up to date, reused at once, and the panels say so.
+await step("requeue", async () => {
+  const { big, small } = result.steps.run.nodes;
+  const promptId = await queue(page);
+  const { last } = await record(page, (p) => [big, small].every((id) => p[id]?.phase === "done" && p[id]?.text.startsWith("Up to date")),
+    { timeoutMs: 120_000 });
+  await page.waitForTimeout(700);
+  await page.screenshot({ path: join(opt.out, "web-progress-uptodate.png") });
+  return { promptId, final: await panels(page), sawConverting: false, last };
+});
+
 // 3. Reload: the reports come back from the server's history (the nodes' ui output).
 await step("reload", async () => {
   const before = result.steps.run.final;
@@ -236,11 +253,15 @@ await step("vue", async () => {
     await page.reload({ waitUntil: "load" });
     await ready(page);
     const vueMode = await page.evaluate(() => !!window.LiteGraph.vueNodesMode);
-    const [node] = await loadGraph(page, [{ model: opt.big, num_iter: 0, output_name: `web-vue-${opt.tag}`, pos: [60, 60] }]);
+    // the BF16 model for the live panel, the FP32 one for the learned-rounding lines (the longest ones)
+    const [node, small] = await loadGraph(page, [
+      { model: opt.big, num_iter: 0, output_name: `web-vue-${opt.tag}`, pos: [60, 60] },
+      { model: opt.small, num_iter: Number(opt["small-iter"]), output_name: `web-vue-small-${opt.tag}`, pos: [560, 60] },
+    ]);
     await page.waitForTimeout(1000);
     const promptId = await queue(page);
     let midShot = null;
-    const { timeline, last } = await record(page, (p) => p[node]?.phase === "done" && p[node]?.inVueNode, {
+    const { timeline, last } = await record(page, (p) => [node, small].every((id) => p[id]?.phase === "done" && p[id]?.inVueNode), {
       timeoutMs: 300_000,
       onTick: async (p, tl) => {
         if (!midShot && p[node]?.phase === "running" && p[node]?.inVueNode && converting(tl[node]).length >= 3) {
@@ -249,9 +270,10 @@ await step("vue", async () => {
         }
       },
     });
-    await page.waitForTimeout(700);
+    await page.waitForTimeout(1500);
     await page.screenshot({ path: join(opt.out, "web-progress-vue-report.png") });
-    return { vueMode, node, promptId, midShot, timeline, final: last[node] };
+    const final = await panels(page);
+    return { vueMode, node, small, promptId, midShot, timeline, final: final[node], finalSmall: final[small] };
   } finally {
     await setVue(false);
   }

@@ -133,33 +133,62 @@ def _close(shown: float, actual: float, rel: float = 5e-3, abs_: float = 0.0) ->
 def check_report_text(text: str, report: dict) -> None:
     """Every figure on the panel equals the JSON report's to the digits shown."""
     lines = text.split("\n")
-    m = re.fullmatch(r"Done in (?:(\d+) s|(\d+) min (\d+) s|<1 s)", lines[0])
-    assert m, lines[0]
-    if m.group(1):
-        assert int(m.group(1)) == round(report["seconds"])
+    if report.get("up_to_date"):
+        assert lines[0] == "Up to date: reused, nothing converted", lines[0]
+    else:
+        m = re.fullmatch(r"Done in (?:(\d+) s|(\d+) min (\d+) s|<1 s)", lines[0])
+        assert m, lines[0]
+        if m.group(1):
+            assert int(m.group(1)) == round(report["seconds"])
     assert lines[1] == f"→ {report['output_name']}"
+    if report.get("headline"):
+        assert lines[2] == report["headline"].strip(), lines[2]
+    else:
+        m = re.fullmatch(r"stored as fp16 with per-tensor power-of-two scales; error vs plain fp16 cast: "
+                         r"(same|([\d.]+) % (lower|higher))", lines[2])
+        assert m, lines[2]
+        r = report["error_ratio"]
+        if m.group(1) == "same":
+            assert abs(r - 1) < 5e-4
+        else:
+            assert _close(float(m.group(2)), abs(1 - r) * 100, rel=0, abs_=0.05) and (m.group(3) == "lower") == (r < 1)
     m = re.search(r"^tensors: (\d+) quantized · (\d+) kept · (\d+) removed$", text, re.M)
     assert m and [int(g) for g in m.groups()] == [report["counts"][k] for k in ("quantized", "kept", "removed")], text
-    m = re.search(r"^size: ([\d.]+) (\w+) → ([\d.]+) (\w+)$", text, re.M)
+    m = re.search(r"^size: ([\d.]+) (\w+)(?: in memory \(([\w +]+)\))? → ([\d.]+) (\w+)$", text, re.M)
     assert m, text
     assert _close(float(m.group(1)) * _UNITS[m.group(2)], report["bytes_in"])
-    assert _close(float(m.group(3)) * _UNITS[m.group(4)], report["bytes_out"])
+    assert _close(float(m.group(4)) * _UNITS[m.group(5)], report["bytes_out"])
+    assert (m.group(3) is not None) == ("source_in_memory" in report)
     m = re.search(r"^relF ([\d.e+-]+) vs RTN ([\d.e+-]+) \(([\d.]+)×\)$", text, re.M)
     assert m, text
     assert _close(float(m.group(1)), report["rel_error"])
     assert _close(float(m.group(2)), report["rtn_rel_error"])
     assert _close(float(m.group(3)), report["error_ratio"], rel=0, abs_=5e-4)
+    m = re.search(r"^per tensor: (?:median ([\d.e+-]+) · )?worst ([\d.e+-]+)$", text, re.M)
+    per = report.get("rel_error_per_tensor") or {}
+    assert m, text
+    assert _close(float(m.group(2)), per.get("worst", report["worst"][0]["rel_error"]))
+    if per.get("median") is not None:
+        assert m.group(1) and _close(float(m.group(1)), per["median"])
     m = re.search(r"^bit-exact \(BF16 source\): ([\d.]+) %$", text, re.M)
     if report["bit_exact_fraction_bf16"] is None:
         assert m is None, text
     else:
         assert m and _close(float(m.group(1)), report["bit_exact_fraction_bf16"] * 100, rel=0, abs_=5e-3), text
     learned = report.get("learned") or {}
-    m = re.search(r"^learned: top-(\d+) error ([\d.e+-]+)× RTN \((\d+) tensors\)$", text, re.M)
+    m = re.search(r"^learned rounding on (\d+) tensors(?: \(passes used ≤ (\d+) of num_iter (\d+)\))?:\n"
+                  r"  top-(\d+) error(?: ([\d.e+-]+)× RTN(?: \(([^)]*)\))?|: (withheld.*)) · relF ([\d.]+)× RTN\n"
+                  r"  the error along each weight's .* drops; the total stays at RTN's by design", text, re.M)
     if learned.get("topk_tensors"):
         assert m, text
-        assert int(m.group(1)) == report["settings"]["top_k"] and int(m.group(3)) == learned["topk_tensors"]
-        assert _close(float(m.group(2)), learned["topk_ratio_mean"], rel=0.06, abs_=5e-4), (m.group(2), learned)
+        assert int(m.group(1)) == learned["topk_tensors"] and int(m.group(4)) == report["settings"]["top_k"]
+        if learned.get("passes_used_max") is not None:
+            assert int(m.group(2)) == learned["passes_used_max"] and int(m.group(3)) == report["settings"]["num_iter"]
+        if m.group(7):
+            assert m.group(7) == learned["topk_check"]
+        else:
+            assert _close(float(m.group(5)), learned["topk_ratio_mean"], rel=0.06, abs_=5e-4), (m.group(5), learned)
+        assert _close(float(m.group(8)), report["error_ratio"], rel=0, abs_=5e-4)
     else:
         assert m is None, text
     m = re.search(r"^out\(randn\): ([\d.]+)× RTN \((\d+) rows, (\d+) tensors\)$", text, re.M)
@@ -170,10 +199,11 @@ def check_report_text(text: str, report: dict) -> None:
         assert _close(float(m.group(1)), learned["out_randn_ratio_mean"], rel=0, abs_=5e-5), (m.group(1), learned)
     else:
         assert m is None, text
+    assert "worst tensors (relF, × RTN):" in lines
     worst = re.findall(r"^  (\S+) ([\d.e+-]+) \(([\d.]+)×\)$", text, re.M)
     assert len(worst) == min(3, len(report["worst"])), text
     for (key, rel, ratio), w in zip(worst, report["worst"]):
-        assert key == w["key"] or ("…" in key and w["key"].endswith(key.split("…")[-1])), (key, w["key"])
+        assert key == w["key"], (key, w["key"])  # whole keys
         assert _close(float(rel), w["rel_error"])
         assert _close(float(ratio), w["error_ratio"], rel=0, abs_=5e-4)
 
@@ -251,10 +281,32 @@ def test_cancel_says_where_and_writes_nothing(server, drive):
     assert not leftovers, leftovers
 
 
-def test_vue_node_renderer_shows_the_panel(server, drive):
+def test_requeued_graph_reuses_up_to_date_files_and_says_so(server, drive):
+    run, again = _step(drive, "run"), _step(drive, "requeue")
+    for node in run["nodes"].values():
+        (report,) = _ui_reports(server, again["promptId"], node)
+        assert report["up_to_date"] is True
+        check_report_text(again["final"][node]["text"], report)
+        (first,) = _ui_reports(server, run["promptId"], node)
+        assert {k: v for k, v in report.items() if k != "up_to_date"} == first
+
+
+def test_panel_lines_are_never_cut_and_carry_tooltips(drive):
+    run = _step(drive, "run")
+    for node in run["nodes"].values():
+        final = run["final"][node]
+        assert not final["cutLines"] and not final["clipped"], final
+        assert final["tips"] >= len(final["text"].split("\n")) - 1
+
+
+def test_vue_node_renderer_shows_the_whole_panel(server, drive):
     vue = _step(drive, "vue")
     assert vue["vueMode"] is True
-    assert vue["final"]["inVueNode"] and vue["final"]["shown"]
     assert len(_converting(vue["timeline"][vue["node"]])) >= 3
-    (report,) = _ui_reports(server, vue["promptId"], vue["node"])
-    check_report_text(vue["final"]["text"], report)
+    for node, final in ((vue["node"], vue["final"]), (vue["small"], vue["finalSmall"])):
+        assert final["inVueNode"] and final["shown"]
+        # mounted by the frontend itself where it does that, else moved there by the extension
+        assert final["mount"] in ("frontend", "moved")
+        assert not final["cutLines"], final["cutLines"]  # lines wrap instead of ending in "…"
+        (report,) = _ui_reports(server, vue["promptId"], node)
+        check_report_text(final["text"], report)

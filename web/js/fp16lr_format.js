@@ -213,56 +213,160 @@ export function progressLines(event, options) {
   ];
 }
 
-/** The compact report: headline figures and the worst tensors (`worstCount` of them). */
-export function reportView(summary, { worstCount = 3, keyLength = 36, nameLength = 52 } = {}) {
+/** Explanations of the panel's terms, shown as tooltips on the lines that use them. */
+export const TERMS = Object.freeze({
+  status: "Done: converted in this run. Up to date: the file already existed, made from this source file (same size " +
+    "and date) with the same settings, so it was reused and nothing was converted; the report is the one stored with it.",
+  output: "The file written, in the models folder of its kind under ComfyUI's output directory (the loaders list it).",
+  headline: "What the file is, in one line: fp16 weights, each tensor with a power-of-two scale_weight, and how its " +
+    "error compares with a plain cast to fp16 (RTN).",
+  counts: "quantized: weights stored as fp16 + scale; kept: copied as they were (norms, biases, small tensors, or " +
+    "layers kept on purpose); removed: dropped (T5XXL mode: decoder, lm_head).",
+  size: "Bytes in → bytes out. For Save Model / Save CLIP the size in is the graph's weights as ComfyUI holds them in " +
+    "memory (their dtype, e.g. float32 on a --cpu server), not a file.",
+  relF: "relF: relative Frobenius error ‖Q−W‖/‖W‖ of the stored weights against the source, over all quantized " +
+    "tensors together. RTN: the same for a plain round-to-nearest cast to fp16 (what .half() does) at the same " +
+    "scales; the ratio below 1 means closer to the source than that cast.",
+  perTensor: "The same error per tensor. The total is weighted by size, so one huge tensor can dominate it; the " +
+    "median and the worst tensor show the rest.",
+  bitExact: "Share of the BF16 source's elements that the file gives back bit for bit (BF16 values inside fp16's " +
+    "normal range are exact in fp16).",
+  learned: "Learned rounding: for each weight not exact in fp16, every element picks the lower or upper fp16 " +
+    "neighbour. In default mode it drives the error along the weight's top-k principal directions (its strongest " +
+    "singular vectors) towards zero while the total error (relF) stays within about 0.5 % of RTN's: so the top-k " +
+    "ratio falls far below 1 while the relF ratio stays near 1.000. Both are measured on the stored file.",
+  passes: "Passes the learned rounding used per weight (num_iter caps them; any num_iter above this gives the same file).",
+  topkCheck: "How the top-k figure was checked: exact_svd = against the weight's exact singular vectors (not the " +
+    "basis the search used); withheld = no figure, because the weight has no usable spectral gap there, so its " +
+    "top-k directions are not well defined.",
+  calibrated: "Calibrated mode: output error ‖(Q−W)x‖ on the calibration file's real activations, divided by RTN's " +
+    "(and with the corrected bias).",
+  outRandn: "out(randn): the output error on calib_samples random input rows, divided by RTN's, for the weights the " +
+    "learned rounding changed. Random rows carry no information about a layer: it follows the relF ratio. Report only.",
+  worst: "The quantized tensors with the largest relF, with their ratio to RTN's error.",
+});
+
+const DTYPE_NAMES = { F32: "float32", F16: "float16", BF16: "bfloat16", F64: "float64" };
+
+/** The one-line verdict: the report's own `headline` when it has one, else one built from the error ratio. */
+export function headlineOf(summary) {
+  if (typeof summary.headline === "string" && summary.headline.trim()) return summary.headline.trim();
+  const r = toNumber(summary.error_ratio);
+  let verdict = DASH;
+  if (isNum(r)) {
+    if (Math.abs(r - 1) < 5e-4) verdict = "same";
+    else verdict = r < 1 ? `${((1 - r) * 100).toFixed(1)} % lower` : `${((r - 1) * 100).toFixed(1)} % higher`;
+  }
+  return `stored as fp16 with per-tensor power-of-two scales; error vs plain fp16 cast: ${verdict}`;
+}
+
+function sizeLine(summary) {
+  const dtypes = Array.isArray(summary.source_in_memory) ? summary.source_in_memory : null;
+  if (!dtypes) return `size: ${formatBytes(summary.bytes_in)} → ${formatBytes(summary.bytes_out)}`;
+  const names = dtypes.map((d) => DTYPE_NAMES[d] ?? String(d).toLowerCase()).join(" + ");
+  return `size: ${formatBytes(summary.bytes_in)} in memory${names ? ` (${names})` : ""} → ${formatBytes(summary.bytes_out)}`;
+}
+
+function gapText(gap) {
+  const v = toNumber(gap);
+  if (isNum(v)) return v.toPrecision(3);
+  if (gap && typeof gap === "object") {
+    const min = toNumber(gap.min ?? gap.median);
+    return isNum(min) ? `${gap.min != null ? "min " : "median "}${min.toPrecision(3)}` : null;
+  }
+  return typeof gap === "string" && gap ? gap : null;
+}
+
+/**
+ * The compact report as panel lines: {lines, tips, worst}. `tips[i]` explains line i (a tooltip); `worst` lists the
+ * worst tensors with their whole keys (the panel wraps them). Fields a report may lack (older converters) are left
+ * out: `headline`, `rel_error_per_tensor`, `learned.passes_used_max`, `learned.topk_check`, `learned.spectral_gap`.
+ */
+export function reportView(summary, { worstCount = 3 } = {}) {
   const c = summary.counts || {};
   const bitExact = toNumber(summary.bit_exact_fraction_bf16);
   const name = summary.output_name || summary.output;
-  const lines = [
-    `Done${isNum(toNumber(summary.seconds)) ? ` in ${formatDuration(summary.seconds)}` : ""}`,
-    ...(name ? [`→ ${cutMiddle(String(name), nameLength)}`] : []),
-    `tensors: ${c.quantized ?? 0} quantized · ${c.kept ?? 0} kept · ${c.removed ?? 0} removed`,
-    `size: ${formatBytes(summary.bytes_in)} → ${formatBytes(summary.bytes_out)}`,
-    `relF ${formatSci(summary.rel_error)} vs RTN ${formatSci(summary.rtn_rel_error)} (${formatRatio(summary.error_ratio)})`,
-  ];
-  if (bitExact !== null && isNum(bitExact)) lines.push(`bit-exact (BF16 source): ${formatPercent(bitExact, 2)}`);
+  const lines = [];
+  const tips = [];
+  const add = (line, tip) => {
+    lines.push(line);
+    tips.push(tip ?? "");
+  };
+  if (summary.up_to_date) add("Up to date: reused, nothing converted", TERMS.status);
+  else add(`Done${isNum(toNumber(summary.seconds)) ? ` in ${formatDuration(summary.seconds)}` : ""}`, TERMS.status);
+  if (name) add(`→ ${name}`, TERMS.output);
+  add(headlineOf(summary), TERMS.headline);
+  add(`tensors: ${c.quantized ?? 0} quantized · ${c.kept ?? 0} kept · ${c.removed ?? 0} removed`, TERMS.counts);
+  add(sizeLine(summary), TERMS.size);
+  add(`relF ${formatSci(summary.rel_error)} vs RTN ${formatSci(summary.rtn_rel_error)} (${formatRatio(summary.error_ratio)})`, TERMS.relF);
+  const per = summary.rel_error_per_tensor;
+  const worstRel = toNumber(per?.worst ?? summary.worst?.[0]?.rel_error);
+  if (per && isNum(toNumber(per.median))) {
+    add(`per tensor: median ${formatSci(per.median)} · worst ${formatSci(worstRel)}`, TERMS.perTensor);
+  } else if (isNum(worstRel)) {
+    add(`per tensor: worst ${formatSci(worstRel)}`, TERMS.perTensor);
+  }
+  if (bitExact !== null && isNum(bitExact)) add(`bit-exact (BF16 source): ${formatPercent(bitExact, 2)}`, TERMS.bitExact);
   // what the learned step did (reports from before this field existed have no `learned`)
   const learned = summary.learned || {};
   const topkN = toNumber(learned.topk_tensors);
   if (isNum(topkN) && topkN > 0) {
     const k = toNumber(summary.settings?.top_k);
-    lines.push(`learned: top-${isNum(k) ? k : 1} error ${formatSmallRatio(learned.topk_ratio_mean)} RTN (${topkN} tensors)`);
+    const kk = isNum(k) ? k : 1;
+    const passes = toNumber(learned.passes_used_max);
+    const numIter = toNumber(summary.settings?.num_iter);
+    add(`learned rounding on ${topkN} tensors` +
+      (isNum(passes) ? ` (passes used ≤ ${passes}${isNum(numIter) ? ` of num_iter ${numIter}` : ""})` : "") + ":",
+      TERMS.learned + (isNum(passes) ? ` ${TERMS.passes}` : ""));
+    const check = typeof learned.topk_check === "string" ? learned.topk_check : null;
+    const withheld = check && /^withheld/i.test(check);
+    const topk = withheld ? `top-${kk} error: ${check}` :
+      `top-${kk} error ${formatSmallRatio(learned.topk_ratio_mean)} RTN` + (check ? ` (${check.replace(/_/g, " ")})` : "");
+    add(`  ${topk} · relF ${formatRatio(summary.error_ratio)} RTN`, TERMS.learned + (check ? ` ${TERMS.topkCheck}` : ""));
+    const gap = gapText(learned.spectral_gap ?? summary.spectral_gap);
+    add(`  the error along each weight's ${kk === 1 ? "strongest direction" : `${kk} strongest directions`} ` +
+      `drops; the total stays at RTN's by design${gap ? ` (spectral gap ${gap})` : ""}`, TERMS.learned);
   }
   const calN = toNumber(learned.calibrated_tensors);
   if (isNum(calN) && calN > 0) {
     const withBias = toNumber(learned.output_error_ratio_bias_corrected_mean);
-    lines.push(`calibrated: output ${formatRatio(learned.output_error_ratio_mean)} RTN` +
-      (isNum(withBias) ? `, ${formatRatio(withBias)} with bias` : "") + ` (${calN} tensors)`);
+    add(`calibrated: output ${formatRatio(learned.output_error_ratio_mean)} RTN` +
+      (isNum(withBias) ? `, ${formatRatio(withBias)} with bias` : "") + ` (${calN} tensors)`, TERMS.calibrated);
   }
   // out(randn): the output error on `calib_samples` synthetic rows, for the tensors the learned step changed
   const randN = toNumber(learned.out_randn_tensors);
   if (isNum(randN) && randN > 0) {
     const rows = toNumber(learned.out_randn_samples);
-    lines.push(`out(randn): ${formatRatio(learned.out_randn_ratio_mean, 4)} RTN` +
-      ` (${isNum(rows) ? `${rows} rows, ` : ""}${randN} tensors)`);
+    add(`out(randn): ${formatRatio(learned.out_randn_ratio_mean, 4)} RTN` +
+      ` (${isNum(rows) ? `${rows} rows, ` : ""}${randN} tensors)`, TERMS.outRandn);
   }
   const worst = (summary.worst || []).slice(0, worstCount).map((w) => ({
-    key: shortenKey(w.key || "", keyLength),
+    key: w.key || "",
     keyFull: w.key || "",
     text: `${formatSci(w.rel_error)} (${formatRatio(w.error_ratio)})`,
   }));
-  return { lines, worst };
+  return { lines, tips, worst };
 }
 
-/** All report lines as plain text, worst tensors included. */
+/** All report lines as plain text, worst tensors included (whole keys). */
 export function reportLines(summary, options) {
+  return reportLinesWithTips(summary, options).lines;
+}
+
+/** Report lines and the tooltip of each. */
+export function reportLinesWithTips(summary, options) {
   const v = reportView(summary, options);
-  const out = [...v.lines];
+  const lines = [...v.lines];
+  const tips = [...v.tips];
   if (v.worst.length) {
-    out.push("worst (relF, × RTN):");
-    for (const w of v.worst) out.push(`  ${w.key} ${w.text}`);
+    lines.push("worst tensors (relF, × RTN):");
+    tips.push(TERMS.worst);
+    for (const w of v.worst) {
+      lines.push(`  ${w.key} ${w.text}`);
+      tips.push(w.keyFull);
+    }
   }
-  return out;
+  return { lines, tips };
 }
 
 /**
@@ -327,7 +431,8 @@ export function nextPanelState(state, message) {
 
 /** The one-line verdict of a finished part, e.g. "clip_l.safetensors: relF 2.10e-04 (0.823× RTN)". */
 export function reportHeadline(summary) {
-  return `${summary.output_name || summary.output || "saved"}: relF ${formatSci(summary.rel_error)} (${formatRatio(summary.error_ratio)} RTN)`;
+  return `${summary.output_name || summary.output || "saved"}: relF ${formatSci(summary.rel_error)} (${formatRatio(summary.error_ratio)} RTN)` +
+    (summary.up_to_date ? ", up to date" : "");
 }
 
 /**
@@ -346,10 +451,13 @@ export function panelSections(state, options) {
     return [{ lines, event: state.event }, ...saved];
   }
   if (state.phase === "done") {
-    return state.reports.map((report) => ({ lines: reportLines(report, options), report, chartAt: reportView(report, options).lines.length }));
+    return state.reports.map((report) => {
+      const { lines, tips } = reportLinesWithTips(report, options);
+      return { lines, tips, report, chartAt: reportView(report, options).lines.length };
+    });
   }
   const lines = [state.error];
-  if (state.event) lines.push(`last tensor: ${shortenKey(state.event.key || "", 40)}`);
+  if (state.event) lines.push(`last tensor: ${state.event.key || ""}`);
   return [{ lines, error: true }, ...saved];
 }
 

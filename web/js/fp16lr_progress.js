@@ -2,18 +2,21 @@
 // ScaledFP16SaveModel, ScaledFP16SaveCLIP). Listens to the events nodes/progress.py sends (docs/ARCHITECTURE.md,
 // "ComfyUI custom events") and to the node's `ui` output, and draws a small panel under the node's widgets.
 //
-// Canvas renderer: a DOM widget (text + progress bar, and a chart of error ratio vs RTN when done).
-// Vue node renderer (experimental in frontend 1.27): it shows no DOM widgets of unknown type and does not re-render
-// widget values after mount, so the same element is moved into the Vue node's body instead.
+// The panel is a DOM widget (text + progress bar, and a chart of error ratio vs RTN when done). The canvas renderer
+// mounts it; so do Vue node renderers that mount DOM widgets themselves. A Vue node renderer that does not (it shows
+// no DOM widget of unknown type) gets the same element moved into the node's body: that is detected on the page, by
+// whether the element ends up inside the node, not by version numbers.
 
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 import { chartModel, chartSeries, nextPanelState, panelLines, panelSections, progressFraction } from "./fp16lr_format.js";
+import { sortPackTemplates } from "./fp16lr_templates.js";
 
 const EXTENSION_NAME = "comfyui-scaled-fp16.progress";
 const NODE_TYPES = new Set(["ScaledFP16Convert", "ScaledFP16SaveModel", "ScaledFP16SaveCLIP"]);
 const WIDGET_NAME = "fp16lr_panel";
 const LINE_PX = 16;
+const PAD_PX = 12; // the panel's horizontal padding and border
 const CHART_PX = 86;
 const MIN_WIDTH = 400; // room for a 44-character key and the rate/ETA line at 11 px monospace
 const HISTORY_ITEMS = 64;
@@ -31,21 +34,28 @@ function injectStyle() {
   font: 11px/16px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
   color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222); pointer-events: auto; }
 .fp16lr-panel:empty { display: none; }
-.fp16lr-line { white-space: pre; overflow: hidden; text-overflow: ellipsis; height: 16px; }
+.fp16lr-line { white-space: pre-wrap; overflow-wrap: anywhere; min-height: 16px; }
 .fp16lr-line.fp16lr-head { font-weight: bold; }
-.fp16lr-line.fp16lr-error { color: #ff7b72; white-space: normal; height: auto; }
+.fp16lr-line.fp16lr-error { color: #ff7b72; }
+.fp16lr-line.fp16lr-key { white-space: pre; overflow: hidden; text-overflow: ellipsis; }
+.fp16lr-line[title] { cursor: help; }
 .fp16lr-bar { height: 6px; margin: 2px 0 4px; border-radius: 3px; background: rgba(127,127,127,.25); }
 .fp16lr-bar > div { height: 100%; border-radius: 3px; background: #4c9be8; transition: width .2s; }
 .fp16lr-chart { display: block; width: 100%; height: ${CHART_PX - 6}px; margin: 3px 0; }
 .fp16lr-section + .fp16lr-section { margin-top: 6px; }
-.fp16lr-panel.fp16lr-vue { margin: 0 16px; }
+.fp16lr-panel.fp16lr-vue { margin: 0 16px; height: auto !important; }
 `;
   document.head.appendChild(style);
 }
 
+/** The root graph: `app.rootGraph` where the frontend has it (`app.graph` is deprecated there). */
+function rootGraph() {
+  return app.rootGraph ?? app.graph;
+}
+
 /** The node of an execution id ("12", or "3:12" for a node inside subgraph node 3). */
 function nodeByExecutionId(executionId) {
-  let graph = app.graph;
+  let graph = rootGraph();
   const parts = String(executionId).split(":");
   for (let i = 0; i < parts.length && graph; i++) {
     const node = graph.getNodeById?.(parts[i]) ?? graph.getNodeById?.(Number(parts[i]));
@@ -142,6 +152,7 @@ class Panel {
     el.replaceChildren();
     this.charts = [];
     let height = 0;
+    const perLine = this.charsPerLine();
     el.dataset.phase = state?.phase ?? "idle";
     el.dataset.fp16lrNode = executionIdOf(this.node); // not at construction: nodeCreated runs before the id is set
     for (const section of sections) {
@@ -149,11 +160,14 @@ class Panel {
       box.className = "fp16lr-section";
       section.lines.forEach((line, i) => {
         const div = document.createElement("div");
-        div.className = "fp16lr-line" + (i === 0 ? " fp16lr-head" : "") + (section.error && i === 0 ? " fp16lr-error" : "");
+        const isKey = !!section.event && i === 1; // the live key: one line, shortened, whole on hover
+        div.className = "fp16lr-line" + (i === 0 ? " fp16lr-head" : "") + (section.error && i === 0 ? " fp16lr-error" : "") +
+          (isKey ? " fp16lr-key" : "");
         div.textContent = line;
-        if (section.event && i === 1) div.title = section.event.key;
+        const tip = isKey ? section.event.key : section.tips?.[i];
+        if (tip) div.title = tip;
         box.appendChild(div);
-        height += section.error && i === 0 ? LINE_PX * Math.ceil(line.length / 48) : LINE_PX;
+        height += LINE_PX * (isKey ? 1 : Math.max(1, Math.ceil(line.length / perLine)));
         if (section.event && i === 0) {
           const bar = document.createElement("div");
           bar.className = "fp16lr-bar";
@@ -181,23 +195,66 @@ class Panel {
     this.attachToVueNode();
     this.redrawCharts();
     this.fitNode();
+    this.measureSoon();
   }
 
-  /** In the Vue node renderer, put the panel at the end of the node's body (again, if Vue re-created it). */
+  /** Characters of the 11 px monospace font per panel line at the node's width (for the wrapped height). */
+  charsPerLine() {
+    charWidth ??= measureCharWidth();
+    const inner = Math.max(MIN_WIDTH, this.node.size?.[0] ?? MIN_WIDTH) - 2 * (this.widget.margin ?? 6) - PAD_PX;
+    return Math.max(20, Math.floor(inner / charWidth));
+  }
+
+  /** Once laid out, the element's real height replaces the estimate (wrapping depends on the font and width). */
+  measureSoon() {
+    requestAnimationFrame(() => {
+      const el = this.element;
+      if (!el.isConnected || !this.height || el.classList.contains("fp16lr-vue")) return;
+      const content = [...el.children].reduce((h, c) => h + c.getBoundingClientRect().height, 0);
+      const scale = el.getBoundingClientRect().width / Math.max(1, el.offsetWidth || 1) || 1; // canvas zoom
+      const measured = Math.ceil(content / scale) + 8 + 6 * Math.max(0, el.children.length - 1) + 2 * (this.widget.margin ?? 6);
+      if (content > 0 && Math.abs(measured - this.height) > LINE_PX / 2) {
+        this.height = measured;
+        this.fitNode();
+      }
+    });
+  }
+
+  /**
+   * Where the frontend does not mount this DOM widget inside a Vue node itself, put the panel at the end of the
+   * node's body (again, if Vue re-created it). Detected, not assumed: a panel found inside its Vue node without our
+   * help means this frontend mounts DOM widgets itself, and nothing is ever moved from then on.
+   */
   attachToVueNode() {
     if (!isVueNodesMode()) {
-      this.element.classList.remove("fp16lr-vue");
+      if (this.element.dataset.fp16lrMount === "moved") this.element.classList.remove("fp16lr-vue");
       return;
     }
     const id = CSS.escape(String(this.node.id));
-    const body = document.querySelector(`.lg-node[data-node-id="${id}"] [data-testid="node-body-${id}"]`);
-    if (body && this.element.parentElement !== body) {
-      // Vue reuses the element of a node with the same id from the graph shown before: drop that node's panel
-      for (const other of body.querySelectorAll(":scope > .fp16lr-panel")) other.remove();
-      this.element.classList.add("fp16lr-vue");
-      body.appendChild(this.element);
-      this.redrawCharts();
+    const vueNode = document.querySelector(`.lg-node[data-node-id="${id}"]`);
+    if (!vueNode) return; // not mounted (yet): the interval looks again
+    if (vueNode.contains(this.element)) {
+      if (this.element.dataset.fp16lrMount !== "moved") {
+        frontendMountsDomWidgets = true;
+        this.element.dataset.fp16lrMount = "frontend";
+        this.element.classList.add("fp16lr-vue");
+      }
+      return;
     }
+    if (frontendMountsDomWidgets) return;
+    // give the frontend one look to mount it itself before moving it
+    if (!this.missedOnce) {
+      this.missedOnce = true;
+      return;
+    }
+    const body = vueNode.querySelector(`[data-testid="node-body-${id}"]`);
+    if (!body) return;
+    // Vue reuses the element of a node with the same id from the graph shown before: drop that node's panel
+    for (const other of body.querySelectorAll(":scope > .fp16lr-panel")) other.remove();
+    this.element.classList.add("fp16lr-vue");
+    this.element.dataset.fp16lrMount = "moved";
+    body.appendChild(this.element);
+    this.redrawCharts();
   }
 
   redrawCharts() {
@@ -212,23 +269,33 @@ class Panel {
       node.setSize([Math.max(width, wanted[0]), wanted[1]]);
     }
     node.setDirtyCanvas?.(true, true);
-    app.graph?.setDirtyCanvas?.(true, true);
+    rootGraph()?.setDirtyCanvas?.(true, true);
   }
 
   remove() {
     this.resizeObserver.disconnect();
-    if (this.element.closest(".lg-node")) this.element.remove(); // only what we attached; DOM widgets clean up themselves
+    if (this.element.dataset.fp16lrMount === "moved") this.element.remove(); // only what we moved; DOM widgets clean up themselves
   }
+}
+
+let charWidth = null;
+let frontendMountsDomWidgets = false;
+
+function measureCharWidth() {
+  const ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = "11px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace";
+  return ctx.measureText("0123456789").width / 10 || 6.6;
 }
 
 function isVueNodesMode() {
   return !!globalThis.LiteGraph?.vueNodesMode;
 }
 
-// Vue nodes mount lazily (and again after collapsing, zooming out, reloading): re-attach panels that have content.
+// Vue nodes mount lazily (and again after collapsing, zooming out, reloading): re-attach panels that have content,
+// only while this frontend has not shown that it mounts DOM widgets itself.
 setInterval(() => {
-  if (!isVueNodesMode()) return;
-  for (const node of app.graph?.nodes ?? []) if (node.fp16lrPanel?.text) node.fp16lrPanel.attachToVueNode();
+  if (!isVueNodesMode() || frontendMountsDomWidgets) return;
+  for (const node of rootGraph()?.nodes ?? []) if (node.fp16lrPanel?.text) node.fp16lrPanel.attachToVueNode();
 }, 1000);
 
 function panelOf(node) {
@@ -285,7 +352,8 @@ function listen() {
  * Restore the latest report of each converting node of this workflow (matched by workflow id and node type).
  */
 async function restoreFromHistory() {
-  const nodes = (app.graph?.nodes ?? app.graph?._nodes ?? []).filter(isConverter);
+  const graph = rootGraph();
+  const nodes = (graph?.nodes ?? graph?._nodes ?? []).filter(isConverter);
   const pending = nodes.filter((n) => !states.has(executionIdOf(n)));
   if (!pending.length) return;
   let history;
@@ -296,7 +364,7 @@ async function restoreFromHistory() {
   } catch {
     return; // no history (server restarted, offline): the panel simply stays empty
   }
-  const workflowId = app.graph?.id;
+  const workflowId = graph?.id;
   for (const item of Object.values(history)) {
     const prompt = item?.prompt;
     const workflow = prompt?.[3]?.extra_pnginfo?.workflow;
@@ -320,6 +388,7 @@ const extension = {
 
   setup() {
     listen();
+    sortPackTemplates(api, import.meta.url);
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {

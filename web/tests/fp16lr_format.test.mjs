@@ -166,46 +166,81 @@ test("progressView: counter, percent by bytes, rate, ETA and the last tensor aga
   assert.notDeepEqual(progressLines({ ...tensorEvent, index: 118, key: "x.weight", bytes_done: 3_600_000_000 }), lines);
 });
 
-test("reportView: counts, size, error vs RTN, bit-exact share, worst tensors", () => {
+test("reportView: headline, counts, size, total and per-tensor error vs RTN, bit-exact share, worst tensors", () => {
   const v = reportView(report);
   assert.deepEqual(v.lines, [
     "Done in 5 min 12 s",
     "→ flux1-dev_float16_scaled_learned_svd.safetensors",
+    "stored as fp16 with per-tensor power-of-two scales; error vs plain fp16 cast: 17.7 % lower",
     "tensors: 304 quantized · 472 kept · 4 removed",
     "size: 23.8 GB → 23.8 GB",
     "relF 2.10e-04 vs RTN 2.55e-04 (0.823×)",
+    "per tensor: worst 3.10e-04",
     "bit-exact (BF16 source): 97.13 %",
   ]);
+  // every line has its explanation (tooltip)
+  assert.equal(v.tips.length, v.lines.length);
+  assert.ok(v.tips.every((t) => t.length > 20));
   assert.equal(v.worst.length, 3);
   assert.equal(v.worst[0].text, "3.10e-04 (0.940×)");
-  assert.equal(v.worst[0].keyFull, report.worst[0].key);
+  // keys whole: the panel wraps them
+  assert.equal(v.worst[0].key, report.worst[0].key);
   // FP32 sources have no bit-exact share
   const fp32 = reportView({ ...report, bit_exact_fraction_bf16: null });
   assert.ok(!fp32.lines.some((l) => l.startsWith("bit-exact")));
   const lines = reportLines(report);
-  assert.equal(lines[6], "worst (relF, × RTN):");
-  assert.equal(lines.length, 10);
-  // what the learned step did: top-k ratio (default mode) and output error (calibrated), when the report has them
-  const learned = reportView({ ...report, settings: { top_k: 3 }, learned: { topk_tensors: 12, topk_ratio_mean: 0.0548,
-    calibrated_tensors: 36, output_error_ratio_mean: 0.8246, output_error_ratio_bias_corrected_mean: 0.6529 } }).lines;
-  assert.deepEqual(learned.slice(6), ["learned: top-3 error 0.055× RTN (12 tensors)",
+  assert.equal(lines[8], "worst tensors (relF, × RTN):");
+  assert.equal(lines[9], "  model.diffusion_model.single_blocks.37.linear2.weight 3.10e-04 (0.940×)");
+  assert.equal(lines.length, 12);
+  // the converter's own headline and per-tensor figures, when the report has them
+  const fuller = reportView({ ...report, headline: "stored as fp16 ...: same", rel_error_per_tensor: {
+    median: 1.7e-8, worst: 3.1e-4, worst_key: "img_in.weight" } }).lines;
+  assert.equal(fuller[2], "stored as fp16 ...: same");
+  assert.equal(fuller[6], "per tensor: median 1.70e-08 · worst 3.10e-04");
+  assert.equal(reportView({ ...report, error_ratio: 1.0002 }).lines[2].split(": ").at(-1), "same");
+  // what the learned step did: both figures side by side, explained in the next line
+  const learned = reportView({ ...report, bit_exact_fraction_bf16: null, settings: { top_k: 3, num_iter: 256 },
+    learned: { topk_tensors: 12, topk_ratio_mean: 0.0548, calibrated_tensors: 36, output_error_ratio_mean: 0.8246,
+      output_error_ratio_bias_corrected_mean: 0.6529 } }).lines;
+  assert.deepEqual(learned.slice(7), ["learned rounding on 12 tensors:",
+    "  top-3 error 0.055× RTN · relF 0.823× RTN",
+    "  the error along each weight's 3 strongest directions drops; the total stays at RTN's by design",
     "calibrated: output 0.825× RTN, 0.653× with bias (36 tensors)"]);
-  const tiny = reportView({ ...report, learned: { topk_tensors: 5, topk_ratio_mean: 0.000213 } }).lines;
-  assert.equal(tiny[6], "learned: top-1 error 2.1e-4× RTN (5 tensors)");
+  // passes used, the check of the top-k figure and the spectral gap (fields of newer converters)
+  const checked = reportView({ ...report, bit_exact_fraction_bf16: null, settings: { top_k: 1, num_iter: 256 },
+    learned: { topk_tensors: 5, topk_ratio_mean: 0.000213, passes_used_max: 3, topk_check: "exact_svd",
+      spectral_gap: 1.42 } }).lines;
+  assert.deepEqual(checked.slice(7), ["learned rounding on 5 tensors (passes used ≤ 3 of num_iter 256):",
+    "  top-1 error 2.1e-4× RTN (exact svd) · relF 0.823× RTN",
+    "  the error along each weight's strongest direction drops; the total stays at RTN's by design (spectral gap 1.42)"]);
+  const withheld = reportView({ ...report, bit_exact_fraction_bf16: null, learned: { topk_tensors: 5,
+    topk_ratio_mean: 0.5, topk_check: "withheld: no spectral gap (σ1/σ2 1.004)" } }).lines;
+  assert.equal(withheld[8], "  top-1 error: withheld: no spectral gap (σ1/σ2 1.004) · relF 0.823× RTN");
   // out(randn) on the calib_samples synthetic rows, where the learned step changed tensors
-  const randn = reportView({ ...report, learned: { topk_tensors: 5, topk_ratio_mean: 0.0548, out_randn_tensors: 5,
-    out_randn_ratio_mean: 1.000123, out_randn_samples: 3072, out_randn_skipped: 0 } }).lines;
-  assert.deepEqual(randn.slice(6), ["learned: top-1 error 0.055× RTN (5 tensors)",
-    "out(randn): 1.0001× RTN (3072 rows, 5 tensors)"]);
+  const randn = reportView({ ...report, bit_exact_fraction_bf16: null, learned: { topk_tensors: 5,
+    topk_ratio_mean: 0.0548, out_randn_tensors: 5, out_randn_ratio_mean: 1.000123, out_randn_samples: 3072,
+    out_randn_skipped: 0 } }).lines;
+  assert.equal(randn.at(-1), "out(randn): 1.0001× RTN (3072 rows, 5 tensors)");
   const noRandn = reportView({ ...report, learned: { topk_tensors: 5, topk_ratio_mean: 0.0548, out_randn_tensors: 0,
     out_randn_ratio_mean: null } }).lines;
-  assert.equal(noRandn.length, 7);
+  assert.equal(noRandn.length, 11);
   const none = reportView({ ...report, learned: { topk_tensors: 0, calibrated_tensors: 0 } }).lines;
-  assert.equal(none.length, 6);
-  // a long output name is cut in the middle, keeping its extension
-  const long = reportView({ ...report, output_name: "x".repeat(80) + ".safetensors" }, { nameLength: 30 }).lines[1];
-  assert.equal(long.length, 32);
-  assert.ok(long.endsWith(".safetensors"));
+  assert.equal(none.length, 8);
+  // a long output name is shown whole (the panel wraps it)
+  const long = reportView({ ...report, output_name: "x".repeat(80) + ".safetensors" }).lines[1];
+  assert.equal(long, `→ ${"x".repeat(80)}.safetensors`);
+});
+
+test("reportView: an up-to-date file, and a save node's size in memory", () => {
+  const again = reportView({ ...report, up_to_date: true }).lines;
+  assert.equal(again[0], "Up to date: reused, nothing converted");
+  assert.equal(reportHeadline({ ...report, up_to_date: true }),
+    "flux1-dev_float16_scaled_learned_svd.safetensors: relF 2.10e-04 (0.823× RTN), up to date");
+  const saved = reportView({ ...report, bytes_in: 2_180_000_000, bytes_out: 1_090_000_000,
+    source_in_memory: ["F32"] }).lines;
+  assert.equal(saved[4], "size: 2.18 GB in memory (float32) → 1.09 GB");
+  assert.equal(reportView({ ...report, source_in_memory: ["BF16", "F32"] }).lines[4],
+    "size: 23.8 GB in memory (bfloat16 + float32) → 23.8 GB");
 });
 
 test("errorLine says where the run stopped and that nothing was written", () => {
@@ -233,9 +268,10 @@ test("panel state: start, prepare, progress, report, error, and a new run replac
   assert.equal(nextPanelState(s, { kind: "prepare", payload: { value: 1, max: 2 } }), s);
   s = nextPanelState(s, { kind: "report", payload: { node: "5", prompt_id: "p1", report } });
   assert.equal(s.phase, "done");
-  assert.equal(panelLines(s)[2], "tensors: 304 quantized · 472 kept · 4 removed");
+  assert.equal(panelLines(s)[3], "tensors: 304 quantized · 472 kept · 4 removed");
   assert.equal(panelSections(s)[0].report, report);
-  assert.equal(panelLines(s)[panelSections(s)[0].chartAt], "worst (relF, × RTN):");
+  assert.equal(panelSections(s)[0].tips.length, panelLines(s).length);
+  assert.equal(panelLines(s)[panelSections(s)[0].chartAt], "worst tensors (relF, × RTN):");
   s = nextPanelState(s, { kind: "progress", payload: { node: "5", prompt_id: "p2", event: { ...tensorEvent, index: 1 } } });
   assert.equal(s.phase, "running");
   assert.deepEqual(s.reports, []);
