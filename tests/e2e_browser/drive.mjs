@@ -70,10 +70,11 @@ async function loadGraph(page, nodes) {
     }
     const workflow = app.graph.serialize();
     workflow.id = crypto.randomUUID(); // a new workflow: no report of an earlier run is restored onto it
-    workflow.extra = { ...(workflow.extra ?? {}), ds: { scale: 1, offset: [0, 0] } };
+    // clear of the side bar, the tab bar and the breadcrumb
+    workflow.extra = { ...(workflow.extra ?? {}), ds: { scale: 1, offset: [20, 70] } };
     await app.loadGraphData(workflow);
     app.canvas.ds.scale = 1;
-    app.canvas.ds.offset = [0, 0];
+    app.canvas.ds.offset = [20, 70];
     app.graph.setDirtyCanvas(true, true);
     return app.graph.nodes.filter((n) => n.type === "ScaledFP16Convert").map((n) => String(n.id));
   }, nodes);

@@ -31,11 +31,12 @@ const browser = await chromium.launch({
   headless: true,
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
 });
-const result = { pack: opt.pack, vue: opt.vue, console: [], cards: [], workflows: {} };
+const result = { pack: opt.pack, vue: opt.vue, console: [], cards: [], workflows: {}, thumbnailRequests: [] };
 const context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
 const page = await context.newPage();
 page.on("pageerror", (e) => result.console.push({ type: "pageerror", text: e.message }));
 page.on("response", (r) => {
+  if (r.url().includes("/workflow_templates/") && r.url().endsWith(".jpg")) result.thumbnailRequests.push({ url: r.url(), status: r.status() });
   if (r.status() >= 400 && r.url().includes("/workflow_templates/")) result.console.push({ type: "http", text: `${r.status()} ${r.url()}` });
 });
 
@@ -59,7 +60,7 @@ async function openTemplates() {
   await page.evaluate(() => window.comfyAPI.app.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
   await page.waitForTimeout(1500);
   // the pack's category (a list entry with the pack's name), then its cards
-  const category = page.getByText(opt.pack, { exact: true }).first();
+  const category = page.locator("[role=dialog]").getByText(opt.pack, { exact: true }).first();
   if (await category.count()) await category.click();
   await page.waitForTimeout(2500);
 }
@@ -87,7 +88,7 @@ await page.waitForTimeout(500);
 
 for (const name of [...names].sort((a, b) => a.localeCompare(b, "en", { numeric: true }))) {
   await openTemplates();
-  const card = page.getByText(name, { exact: true }).first();
+  const card = page.locator("[role=dialog]").getByText(name, { exact: true }).first();
   const entry = (result.workflows[name] = { clicked: false });
   if (await card.count()) {
     await card.click();

@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.parse
 
 import pytest
 import torch
@@ -263,9 +264,10 @@ def test_final_report_matches_node_json(server, drive):
 
 
 def test_report_survives_reload(drive):
-    run, reload = _step(drive, "run"), _step(drive, "reload")
+    # the latest run of the graph before the reload is the re-queued one (up to date, the same report)
+    run, again, reload = _step(drive, "run"), _step(drive, "requeue"), _step(drive, "reload")
     for node in run["nodes"].values():
-        assert reload["after"][node]["text"] == run["final"][node]["text"]
+        assert reload["after"][node]["text"] == again["final"][node]["text"]
         assert reload["after"][node]["chartColumns"] == run["final"][node]["chartColumns"]
 
 
@@ -310,3 +312,44 @@ def test_vue_node_renderer_shows_the_whole_panel(server, drive):
         assert not final["cutLines"], final["cutLines"]  # lines wrap instead of ending in "…"
         (report,) = _ui_reports(server, vue["promptId"], node)
         check_report_text(final["text"], report)
+
+
+@pytest.fixture(scope="module", params=["canvas", "vue"])
+def templates(request, server, drive):
+    """templates.mjs on the same server: the template browser and each example workflow loaded from its card."""
+    out = os.path.join(drive[1], f"templates-{request.param}")
+    cmd = ["node", os.path.join(HERE, "templates.mjs"), "--url", server.url, "--out", out]
+    if request.param == "vue":
+        cmd.append("--vue")
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=900)
+    path = os.path.join(out, "templates.json")
+    assert p.returncode == 0 and os.path.exists(path), f"templates.mjs failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    with open(path) as f:
+        return json.load(f)
+
+
+WORKFLOW_NAMES = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, "example_workflows"))
+                        if f.endswith(".json"))
+
+
+def test_template_browser_shows_titles_thumbnails_in_order(templates):
+    assert sorted(templates["served"][templates["pack"]]) == WORKFLOW_NAMES
+    cards = templates["cards"]
+    assert [c["name"] for c in cards] == WORKFLOW_NAMES  # 1., 2., 3.: the intended order
+    for card in cards:
+        thumb = card["thumbnail"]
+        # our 1280 px picture, not the frontend's placeholder (the frontend may show it from a blob: cache)
+        assert thumb and thumb["loaded"] and thumb["width"] == 1280, card
+        requested = [r for r in templates["thumbnailRequests"]
+                     if urllib.parse.unquote(r["url"]).endswith(f"/{card['name']}.jpg")]
+        assert requested and all(r["status"] == 200 for r in requested), (card["name"], templates["thumbnailRequests"])
+    assert not templates["console"], templates["console"]
+
+
+def test_loaded_templates_show_their_note_and_the_converter_title(templates):
+    assert sorted(templates["workflows"]) == WORKFLOW_NAMES
+    for name, wf in templates["workflows"].items():
+        assert wf["clicked"], f"{name}: no card to click"
+        assert wf["noteText"].startswith("Files this workflow expects"), name
+        assert wf["noteTitle"]["visible"], (name, wf["noteTitle"])
+        assert wf["converterTitle"]["visible"], (name, wf["converterTitle"])  # not under the tab bar/breadcrumb

@@ -39,6 +39,7 @@ function injectStyle() {
 .fp16lr-line.fp16lr-error { color: #ff7b72; }
 .fp16lr-line.fp16lr-key { white-space: pre; overflow: hidden; text-overflow: ellipsis; }
 .fp16lr-line[title] { cursor: help; }
+.fp16lr-line.fp16lr-sub { padding-left: 2ch; }
 .fp16lr-bar { height: 6px; margin: 2px 0 4px; border-radius: 3px; background: rgba(127,127,127,.25); }
 .fp16lr-bar > div { height: 100%; border-radius: 3px; background: #4c9be8; transition: width .2s; }
 .fp16lr-chart { display: block; width: 100%; height: ${CHART_PX - 6}px; margin: 3px 0; }
@@ -163,7 +164,9 @@ class Panel {
         const isKey = !!section.event && i === 1; // the live key: one line, shortened, whole on hover
         div.className = "fp16lr-line" + (i === 0 ? " fp16lr-head" : "") + (section.error && i === 0 ? " fp16lr-error" : "") +
           (isKey ? " fp16lr-key" : "");
-        div.textContent = line;
+        const sub = /^ {2}\S/.test(line); // an indented line keeps its indent when it wraps
+        if (sub) div.classList.add("fp16lr-sub");
+        div.textContent = sub ? line.slice(2) : line;
         const tip = isKey ? section.event.key : section.tips?.[i];
         if (tip) div.title = tip;
         box.appendChild(div);
