@@ -36,6 +36,18 @@ def _json_safe(value):
     return f if math.isfinite(f) else None
 
 
+def _add_passes_used(summary: dict, report: dict) -> None:
+    """The most passes the learned rounding used on a tensor (`learned.passes_used_max`), from the per-tensor
+    `iterations`, where the converter's report does not say it itself."""
+    learned = summary.get("learned")
+    if not isinstance(learned, dict) or learned.get("passes_used_max") is not None:
+        return
+    used = [t.get("iterations") for t in report.get("tensors", [])
+            if t.get("method") in ("topk", "gptq") and isinstance(t.get("iterations"), int) and t["iterations"] > 0]
+    if used:
+        learned["passes_used_max"] = max(used)
+
+
 class ConversionProgress:
     """One conversion's link to the UI. Pass `on_event` and `cancel` to `convert_file`.
 
@@ -73,6 +85,7 @@ class ConversionProgress:
         """Send the report (plus `extra` fields); returns the summary for the node's `ui` output."""
         summary = _json_safe({**compact(report), **(extra or {})})
         summary["output_name"] = output_name
+        _add_passes_used(summary, report)
         self._send(REPORT_EVENT, {"report": summary})
         return summary
 

@@ -225,6 +225,8 @@ def test_convert_up_to_date_returns_the_file_and_its_report_at_once(comfy):
     stat = os.stat(dst)
     tensors = _progress_count(rec)
     assert tensors == len(small_flux_specs()) and os.path.exists(dst + ".report.json")
+    # the panel shows the passes the learned rounding used (num_iter 3 caps them)
+    assert 1 <= first["ui"]["fp16lr_report"][0]["learned"]["passes_used_max"] <= 3
     key = cls.IS_CHANGED("diffusion_models/m.safetensors", output_name="o")
 
     # the same source and byte-affecting settings: no conversion, the stored report, marked up to date
