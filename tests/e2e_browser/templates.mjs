@@ -34,7 +34,7 @@ const browser = await chromium.launch({
 const result = { pack: opt.pack, vue: opt.vue, console: [], cards: [], workflows: {}, thumbnailRequests: [] };
 const context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
 const page = await context.newPage();
-page.on("pageerror", (e) => result.console.push({ type: "pageerror", text: e.message }));
+page.on("pageerror", (e) => result.console.push({ type: "pageerror", text: e.message, stack: String(e.stack || "").split("\n").slice(0, 6).join("\n") }));
 page.on("response", (r) => {
   if (r.url().includes("/workflow_templates/") && r.url().endsWith(".jpg")) result.thumbnailRequests.push({ url: r.url(), status: r.status() });
   if (r.status() >= 400 && r.url().includes("/workflow_templates/")) result.console.push({ type: "http", text: `${r.status()} ${r.url()}` });
@@ -68,6 +68,14 @@ async function openTemplates() {
 await openTemplates();
 await page.screenshot({ path: join(opt.out, `template-browser${opt.vue ? "-vue" : ""}.png`) });
 const names = result.served[opt.pack] ?? [];
+// cards below the fold load their thumbnails lazily: bring each into view once
+for (const name of names) {
+  const card = page.locator("[role=dialog]").getByText(name, { exact: true }).first();
+  if (await card.count()) {
+    await card.scrollIntoViewIfNeeded();
+    await page.waitForTimeout(1000);
+  }
+}
 result.cards = await page.evaluate((names) => {
   // each card: the smallest element that shows one of our names, with the image it holds
   const out = [];
