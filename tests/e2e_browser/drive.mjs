@@ -257,7 +257,7 @@ await step("vue", async () => {
     // the BF16 model for the live panel, the FP32 one for the learned-rounding lines (the longest ones)
     const [node, small] = await loadGraph(page, [
       { model: opt.big, num_iter: 0, output_name: `web-vue-${opt.tag}`, pos: [60, 60] },
-      { model: opt.small, num_iter: Number(opt["small-iter"]), output_name: `web-vue-small-${opt.tag}`, pos: [560, 60] },
+      { model: opt.small, num_iter: Number(opt["small-iter"]), output_name: `web-vue-small-${opt.tag}`, pos: [720, 60] },
     ]);
     await page.waitForTimeout(1000);
     const promptId = await queue(page);
