@@ -222,8 +222,8 @@ def _error_of(entry: dict) -> dict:
 
 
 def test_user_errors_read_cleanly_and_leave_no_traceback_in_the_log(comfy, info):
-    """A bad output name and an existing file made from something else: one-line messages under a clean class name;
-    the server log shows the line, no traceback and no IS_CHANGED warning."""
+    """A bad output name, an existing file made from something else and a damaged model file: one-line messages under
+    a clean class name; the server log shows the line, no traceback and no IS_CHANGED warning."""
     source = os.path.join(model_dir(comfy, "diffusion_models"), "flux1-dev.safetensors")
     if not os.path.exists(source):
         write_flux(source)
@@ -231,12 +231,16 @@ def test_user_errors_read_cleanly_and_leave_no_traceback_in_the_log(comfy, info)
     os.makedirs(os.path.dirname(taken), exist_ok=True)
     with open(taken, "wb") as f:
         f.write(b"not ours")
+    with open(os.path.join(model_dir(comfy, "diffusion_models"), "broken.safetensors"), "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")  # a damaged download, say
     log_start = os.path.getsize(comfy.log_path) if comfy.log_path else 0
-    cases = [("../escape", "scaled_fp16.OutputNameError", "may not contain"),
-             ("taken-by-another", "scaled_fp16.OutputNameError", "already exists")]
-    for name, typ, words in cases:
+    flux = "diffusion_models/flux1-dev.safetensors"
+    cases = [(flux, "../escape", "scaled_fp16.OutputNameError", "may not contain"),
+             (flux, "taken-by-another", "scaled_fp16.OutputNameError", "already exists"),
+             ("diffusion_models/broken.safetensors", "broken-out", "scaled_fp16.ConversionFailed", "broken.safetensors")]
+    for model, name, typ, words in cases:
         prompt = {"1": {"class_type": "ScaledFP16Convert", "inputs": {
-            "model": "diffusion_models/flux1-dev.safetensors", "num_iter": 0, "top_k": 1, "calib_samples": 0,
+            "model": model, "num_iter": 0, "top_k": 1, "calib_samples": 0,
             "t5xxl": False, "keep_distillation": False, "output_name": name, "overwrite": False}}}
         error = _error_of(comfy.wait(comfy.queue(prompt)))
         assert error["exception_type"] == typ, error["exception_type"]
