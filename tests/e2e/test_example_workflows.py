@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -187,12 +188,14 @@ def test_workflow_1_queued_again_and_after_restart_converts_once(comfy, info):
         if os.path.exists(leftover):
             os.remove(leftover)
 
-    reports, tensor_events, latents = [], [], []
+    reports, tensor_events, latents, seconds = [], [], [], []
     for run, seed in enumerate((1, 2, 3)):
         if run == 2:
             comfy.restart()
         comfy.events.clear()
+        t = time.time()
         entry = comfy.run(_workflow_1_on_test_models(info, seed))
+        seconds.append(time.time() - t)
         (report,) = entry["outputs"]["1"]["fp16lr_report"]
         reports.append(report)
         tensor_events.append(len(comfy.events.of_type("fp16lr.progress")))
@@ -201,6 +204,8 @@ def test_workflow_1_queued_again_and_after_restart_converts_once(comfy, info):
             stat = os.stat(saved)
         assert os.stat(saved).st_mtime_ns == stat.st_mtime_ns and os.stat(saved).st_size == stat.st_size
 
+    print(f"\nworkflow 1, seconds per run (convert+sample, again, after restart): "
+          f"{', '.join(f'{x:.1f}' for x in seconds)}; tensor events {tensor_events}")
     n = reports[0]["counts"]["quantized"] + reports[0]["counts"]["kept"]
     assert tensor_events == [n, 0, 0], tensor_events  # one conversion
     assert "up_to_date" not in reports[0] and reports[1]["up_to_date"] is True and reports[2]["up_to_date"] is True
