@@ -48,6 +48,22 @@ def _add_passes_used(summary: dict, report: dict) -> None:
         learned["passes_used_max"] = max(used)
 
 
+def _add_per_tensor_error(summary: dict, report: dict) -> None:
+    """Median and worst relative error over the quantized tensors (`rel_error_per_tensor`), from the per-tensor rows,
+    where the converter's report does not give them: the size-weighted total can be dominated by one huge tensor."""
+    if summary.get("rel_error_per_tensor") is not None:
+        return
+    rows = [t for t in report.get("tensors", []) if isinstance(t.get("rel_error"), (int, float))
+            and math.isfinite(t["rel_error"])]
+    if not rows:
+        return
+    errors = sorted(t["rel_error"] for t in rows)
+    n = len(errors)
+    median = errors[n // 2] if n % 2 else 0.5 * (errors[n // 2 - 1] + errors[n // 2])
+    worst = max(rows, key=lambda t: t["rel_error"])
+    summary["rel_error_per_tensor"] = {"median": median, "worst": worst["rel_error"], "worst_key": worst["key"]}
+
+
 class ConversionProgress:
     """One conversion's link to the UI. Pass `on_event` and `cancel` to `convert_file`.
 
@@ -86,6 +102,7 @@ class ConversionProgress:
         summary = _json_safe({**compact(report), **(extra or {})})
         summary["output_name"] = output_name
         _add_passes_used(summary, report)
+        _add_per_tensor_error(summary, report)
         self._send(REPORT_EVENT, {"report": summary})
         return summary
 

@@ -227,6 +227,13 @@ def test_convert_up_to_date_returns_the_file_and_its_report_at_once(comfy):
     assert tensors == len(small_flux_specs()) and os.path.exists(dst + ".report.json")
     # the panel shows the passes the learned rounding used (num_iter 3 caps them)
     assert 1 <= first["ui"]["fp16lr_report"][0]["learned"]["passes_used_max"] <= 3
+    # and the median and worst error per tensor beside the total
+    summary = first["ui"]["fp16lr_report"][0]
+    per = summary["rel_error_per_tensor"]
+    assert per["worst"] == summary["worst"][0]["rel_error"] and per["worst_key"] == summary["worst"][0]["key"]
+    assert 0 < per["median"] <= per["worst"]
+    assert summary["counts"]["quantized"] >= 2 * len(summary["worst"])  # so the median is below every listed worst
+    assert per["median"] <= min(w["rel_error"] for w in summary["worst"])
     key = cls.IS_CHANGED("diffusion_models/m.safetensors", output_name="o")
 
     # the same source and byte-affecting settings: no conversion, the stored report, marked up to date
