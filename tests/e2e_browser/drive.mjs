@@ -170,15 +170,6 @@ const page = await context.newPage();
 watch(page, result.console);
 await page.goto(opt.url, { waitUntil: "load" });
 await ready(page);
-// newer frontends show a minimap over the canvas's lower right corner: off, so screenshots show the nodes whole
-await page.evaluate(async () => {
-  try {
-    const setting = window.comfyAPI.app.app.extensionManager?.setting;
-    if (setting?.get?.("Comfy.Minimap.Visible")) await setting.set("Comfy.Minimap.Visible", false);
-  } catch {
-    // a frontend without that setting has no minimap
-  }
-});
 
 // 2. Two converting nodes in one run: each shows its own live panel, then its report and chart.
 await step("run", async () => {
