@@ -66,8 +66,8 @@ def optional_widgets() -> dict:
     _, sweeps = _passes()
     return {"calibration": (paths.calibration_files(), {"default": paths.NO_CALIBRATION, "tooltip":
                             "Calibration statistics from `python -m quant_core capture` (models/"
-                            f"{paths.CALIBRATION_KIND}); enables activation-aware rounding and bias correction "
-                            f"(then num_iter above {1 + sweeps} changes nothing)."}),
+                            f"{paths.CALIBRATION_KIND}); enables activation-aware rounding (biases stay as they "
+                            f"are; then num_iter above {1 + sweeps} changes nothing)."}),
             "scaled_fp8_marker": ("BOOLEAN", {"default": False, "tooltip":
                                   "Also write ComfyUI's own `scaled_fp8` marker (dtype float16). Then the stock "
                                   "UNETLoader and the stock CLIP loaders (T5XXL) apply scale_weight themselves and "

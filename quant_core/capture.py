@@ -4,8 +4,10 @@
 
 Every ``torch.nn.Linear`` of the model gets a forward pre-hook that adds its input rows (padding excluded) to the
 float64 sums of `calibration.CalibrationWriter`; layers that read the very same tensor (q/k/v projections) share
-one group. Each non-empty line of a text file is one sequence (truncated to --max-length tokens). The model loads
-offline from a local folder; transformers is imported only here.
+one group. Each non-empty line of a text file is one sequence (truncated to --max-length tokens); the
+even-numbered sequences also go into the fit half (see calibration.py). The model loads offline from a local folder
+and only from safetensors weights (a pickled ``pytorch_model.bin`` is never loaded); transformers is imported only
+here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,23 @@ import torch
 from .calibration import CalibrationWriter
 
 
+class CaptureError(Exception):
+    """Unusable input to `capture`; the message names the file or folder."""
+
+
+def check_model_folder(model_dir: str) -> None:
+    """A local transformers folder with safetensors weights (a pickled checkpoint is never loaded)."""
+    if not os.path.isdir(model_dir):
+        raise CaptureError(f"{model_dir}: not a folder (expected a local transformers model folder)")
+    names = os.listdir(model_dir)
+    if "config.json" not in names:
+        raise CaptureError(f"{model_dir}: no config.json (expected a local transformers model folder)")
+    if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        other = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        hint = f" (found {', '.join(sorted(other)[:3])}: pickled weights are never loaded)" if other else ""
+        raise CaptureError(f"{model_dir}: no safetensors weights{hint}; convert the model to safetensors first")
+
+
 def read_lines(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
@@ -30,6 +49,7 @@ class _Recorder:
     def __init__(self, model: torch.nn.Module, writer: CalibrationWriter):
         self.writer = writer
         self.mask: torch.Tensor | None = None
+        self.fit: torch.Tensor | None = None  # [batch] bool: sequences of the fit half
         self.held_out = False
         self.max_tokens: int | None = None
         # input tensor identity -> (group, tensor) within one forward; holding the tensor keeps its memory from
@@ -57,12 +77,21 @@ class _Recorder:
             self._seen[ident] = (group, x)
             rows = x.detach()
             if self.mask is not None and rows.dim() == 3 and rows.shape[:2] == self.mask.shape:
-                rows = rows[self.mask.bool()]
+                mask = self.mask.bool()
+                if self.held_out or self.fit is None:
+                    self.writer.add(group, rows[mask], held_out=self.held_out)
+                else:
+                    fit = self.fit.to(mask.device)[:, None]
+                    for part, sel in ((True, mask & fit), (False, mask & ~fit)):
+                        if bool(sel.any()):
+                            self.writer.add(group, rows[sel], fit=part)
+                return
             self.writer.add(group, rows.reshape(-1, rows.shape[-1]), held_out=self.held_out)
         return hook
 
-    def new_batch(self, mask: torch.Tensor) -> None:
+    def new_batch(self, mask: torch.Tensor, fit: torch.Tensor | None = None) -> None:
         self.mask = mask
+        self.fit = fit
         self._seen.clear()
 
     def close(self) -> None:
@@ -77,10 +106,11 @@ def capture(model_dir: str, texts: list[str], output: str, eval_texts: list[str]
     `eval_texts` if given) and write them to `output`. `max_tokens` caps the calibration tokens (whole sequences).
     Returns the file's metadata summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_model_folder(model_dir)
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).float().eval().to(device)
+    model = AutoModel.from_pretrained(model_dir, use_safetensors=True).float().eval().to(device)
     writer = CalibrationWriter()
     rec = _Recorder(model, writer)
     counts = {}
@@ -93,7 +123,8 @@ def capture(model_dir: str, texts: list[str], output: str, eval_texts: list[str]
                     break
                 batch = tok(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt").to(device)
-                rec.new_batch(batch["attention_mask"])
+                first = torch.arange(i, i + batch["attention_mask"].shape[0])
+                rec.new_batch(batch["attention_mask"], first % 2 == 0)
                 with torch.no_grad():
                     model(**batch)
                 tokens += int(batch["attention_mask"].sum())
@@ -135,8 +166,13 @@ def main(argv: list[str]) -> int:
         print(f"error: {args.text}: no text", file=sys.stderr)
         return 2
     eval_texts = read_lines(args.eval_text) if args.eval_text else None
-    src = capture(args.model, texts, args.output, eval_texts, args.max_length, args.batch_size, args.max_tokens,
-                  args.device)
+    try:
+        check_model_folder(args.model)
+        src = capture(args.model, texts, args.output, eval_texts, args.max_length, args.batch_size, args.max_tokens,
+                      args.device)
+    except CaptureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}: {src.get('tokens', 0)} calibration tokens"
           + (f", {src.get('eval_tokens', 0)} held-out tokens" if eval_texts else ""))
     return 0

@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib_samples", type=int, default=3072, help="synthetic random rows of the out(randn) "
                    "report figure (default 3072; 0: none; the file does not depend on it)")
     p.add_argument("--calibration", metavar="FILE", help="calibration statistics from 'capture' (enables "
-                   "activation-aware rounding and bias correction)")
+                   "activation-aware rounding)")
+    p.add_argument("--bias_correction", action="store_true", help="with --calibration: also correct each "
+                   "calibrated layer's bias by -(Q - W) E[x] (off by default: it did not help on held-out text)")
     p.add_argument("--scale", choices=POLICIES, default="auto", help="auto: scale 1 unless a tensor would "
                    "overflow fp16 or lose precision to subnormals; pow2: always scale (BF16 input exactly lossless)")
     p.add_argument("--scaled_fp8_marker", action="store_true", help="also write ComfyUI's 'scaled_fp8' marker "
@@ -148,7 +150,8 @@ def _main(argv: list[str], signals: _SignalCancel) -> int:
 def _convert(args, src: str, dst: str | None, report_path: str | None = None) -> int:
     options = ConvertOptions(t5xxl=args.t5xxl, keep_distillation=args.keep_distillation, num_iter=args.num_iter,
                              top_k=args.top_k, calib_samples=args.calib_samples, scale=args.scale,
-                             calibration=args.calibration, device=args.device, overwrite=args.overwrite,
+                             calibration=args.calibration, bias_correction=args.bias_correction,
+                             device=args.device, overwrite=args.overwrite,
                              scaled_fp8_marker=args.scaled_fp8_marker)
     bar = ProgressBar(args.quiet)
     try:

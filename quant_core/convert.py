@@ -48,6 +48,7 @@ class ConvertOptions:
     calib_samples: int = 3072
     scale: str = "auto"          # "auto" | "pow2", see scaling.py
     calibration: str | None = None  # calibration statistics file (see calibration.py)
+    bias_correction: bool = False  # with a calibration file: b -= (Q - W) E[x] (off: no held-out gain, rounding.md)
     scaled_fp8_marker: bool = False  # also write ComfyUI's `scaled_fp8` marker (see README: stock loaders)
     device: str = "auto"         # "auto" | "cpu" | "cuda" | "cuda:N"
     overwrite: bool = False
@@ -281,10 +282,11 @@ def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.
     if m["rel_error"] > LOSSY_REL_ERROR or m["flushed_to_zero"] > LOSSY_FLUSHED * m["numel"]:
         m["lossy"] = _lossy_reason(m)
     delta = None
-    if layer_cal is not None:
-        from .calibration import bias_correction
+    if layer_cal is not None and options.bias_correction and layer_cal.has_bias:
+        from .calibration import bias_correction_figures
         deq = q.float() * scale if scale != 1.0 else q.float()
-        delta = bias_correction(deq, w.float(), layer_cal)
+        delta, figures = bias_correction_figures(deq, w.float(), layer_cal, q_rtn.float() * scale)
+        info = {**info, **figures}
     m.update(info)
     m["seconds"] = time.perf_counter() - t0
     return q, torch.tensor([scale], dtype=torch.float32), m, delta

@@ -28,6 +28,9 @@ class Summary:
         self._topk: list[float] = []           # top-k error ratio of tensors the default mode worked on
         self._out: list[float] = []            # output error ratio (calibrated mode)
         self._out_bias: list[float] = []       # the same with the corrected bias
+        self._out_eval: list[float] = []       # the same on the file's eval-text statistics
+        self._out_on: set[str] = set()         # which inputs the calibrated figures are measured on
+        self._fallbacks = 0                    # calibrated layers kept as without calibration (no held-out gain)
         self._rand: list[float] = []           # out(randn) ratio on synthetic rows (tensors the rounding changed)
         self._rand_skipped = 0
 
@@ -48,6 +51,11 @@ class Summary:
             self._topk.append(m["topk_ratio"])
         if "output_error_ratio" in m:
             self._out.append(m["output_error_ratio"])
+            self._out_on.add(m.get("output_error_on", "calibration"))
+        if "eval_output_error_ratio" in m:
+            self._out_eval.append(m["eval_output_error_ratio"])
+        if m.get("calibrated_fallback"):
+            self._fallbacks += 1
         if "output_error_ratio_bias_corrected" in m:
             self._out_bias.append(m["output_error_ratio_bias_corrected"])
         if "out_randn_ratio" in m:
@@ -78,6 +86,8 @@ class Summary:
             return f"calibration means ({self.biases_corrected} biases)"
         if not self.settings.get("calibration"):
             return "none: no calibration file (zero-mean synthetic rows would only add noise)"
+        if not self.settings.get("bias_correction"):
+            return "none: off by default (it did not help on held-out text; bias_correction turns it on)"
         return "none: no bias matched a calibrated layer"
 
     def finish(self, bytes_out: int, seconds: float) -> dict:
@@ -105,6 +115,9 @@ class Summary:
                 "calibrated_tensors": len(self._out),
                 "output_error_ratio_mean": _mean(self._out),
                 "output_error_ratio_bias_corrected_mean": _mean(self._out_bias),
+                "output_error_on": ", ".join(sorted(self._out_on)) or None,
+                "eval_output_error_ratio_mean": _mean(self._out_eval),
+                "calibrated_fallbacks": self._fallbacks,
                 # synthetic rows (calib_samples): report only, in expectation the relF ratio
                 "out_randn_tensors": len(self._rand),
                 "out_randn_ratio_mean": _mean(self._rand),
@@ -171,6 +184,28 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _calibrated_line(learned: dict) -> str:
+    """What the calibrated layers' figures say, and what they predict (held-out rows) or cannot (in-sample)."""
+    n, fb = learned["calibrated_tensors"], learned.get("calibrated_fallbacks", 0)
+    on = learned.get("output_error_on") or "calibration"
+    line = "calibrated rounding:"
+    if n:
+        line += f" output error {learned['output_error_ratio_mean']:.3f}x RTN's (mean over {n} tensors, on {on}"
+        if learned.get("eval_output_error_ratio_mean") is not None and on != "eval text":
+            line += f"; {learned['eval_output_error_ratio_mean']:.3f}x on the eval text"
+        line += ")"
+        if learned.get("output_error_ratio_bias_corrected_mean") is not None:
+            line += f", {learned['output_error_ratio_bias_corrected_mean']:.3f}x with corrected biases"
+    if fb:
+        line += f"{';' if n else ''} {fb} layers rounded as without calibration (no gain on held-out rows)"
+    if "in-sample" in on:
+        line += ("; measured on the calibration tokens themselves (old statistics file without a held-out half): "
+                 "this does not predict the effect on other text")
+    else:
+        line += "; expect it for text like the calibration text, less for other text"
+    return line
+
+
 def format_summary(report: dict) -> str:
     """A few lines for the terminal."""
     c = report["counts"]
@@ -190,12 +225,8 @@ def format_summary(report: dict) -> str:
     elif not learned["calibrated_tensors"] and report["settings"].get("num_iter", 0) > 0:
         lines.append("learned rounding: nothing to improve (every weight is exact in fp16 or its round-to-nearest "
                      "error is negligible, as for BF16 weights)")
-    if learned["calibrated_tensors"]:
-        line = (f"calibrated rounding: output error {learned['output_error_ratio_mean']:.3f}x RTN's "
-                f"(mean over {learned['calibrated_tensors']} tensors)")
-        if learned["output_error_ratio_bias_corrected_mean"] is not None:
-            line += f", {learned['output_error_ratio_bias_corrected_mean']:.3f}x with corrected biases"
-        lines.append(line)
+    if learned["calibrated_tensors"] or learned.get("calibrated_fallbacks"):
+        lines.append(_calibrated_line(learned))
     if learned.get("out_randn_tensors") or learned.get("out_randn_skipped"):
         line = "out(randn)"
         if learned.get("out_randn_tensors"):

@@ -13,7 +13,9 @@ Two modes (see docs/rounding.md for the method and measured figures):
   best gain per unit of extra Frobenius error until the first-order gain covers what is left"; the threshold is
   found from an integer histogram on the device, so no pass waits for the host.
 - calibrated (a `LayerCalibration` with the layer's input statistics): minimise ``E||(Q - W) x||^2`` with GPTQ-style
-  error feedback on the fp16 grid (act-order, damping), then coordinate-descent refinement on the same quadratic.
+  error feedback on the fp16 grid (act-order, damping, the second moment shrunk towards its diagonal), then
+  coordinate-descent refinement on the same quadratic; kept only where it lowers the error on calibration rows it
+  was not fitted on (otherwise the layer is rounded as without calibration).
 
 Determinism: no random state outside fixed seeds, no floating-point atomics (histograms are integer sums), and the
 decisions are made in float64, so a CPU and a GPU run store the same bytes unless some element's score falls within
@@ -56,8 +58,10 @@ POOL_COST_MAX = 0.1     # ... at most this fraction (k directions need more cand
 STEPS = (1.0, 0.5, 0.25) # first-order step fractions tried by each pass's line search
 FROB_BUDGET = 0.01       # extra squared Frobenius error allowed, relative to RTN's (relF at most ~1.005x RTN)
 
-# calibrated mode
+# calibrated mode (figures behind each default: docs/rounding.md, benchmarks/calib_shift.py)
 DAMP = 0.01              # H += DAMP * mean(diag H) * I
+SHRINK = 0.5             # H <- (1 - SHRINK) H + SHRINK diag(H): half the off-diagonal structure of the sample kept
+HELD_OUT_CHECK = True    # round on one half of the calibration sequences, measure on the other, keep only if < 1
 BLOCK = 128              # GPTQ column block
 REFINE_SWEEPS = 2        # coordinate-descent sweeps after GPTQ (num_iter - 1 caps this)
 FP64_WORK = 1 << 36      # GPTQ in float64 when out * in^2 is at most this, else float32
@@ -93,6 +97,14 @@ def round_to_fp16(ws: torch.Tensor, *, top_k: int, num_iter: int,
         if calibration.in_features != w2.shape[1]:
             raise ValueError(f"calibration has {calibration.in_features} input features, weight has {w2.shape[1]}")
         q, info = _calibrated(w2, calibration, num_iter, cancel)
+        if q is None:  # no gain on held-out rows: the layer is rounded as without calibration
+            fallback = info
+            if top_k > 0:
+                with torch.cuda.device(w2.device) if w2.is_cuda else contextlib.nullcontext():
+                    q, info = _topk(w2, min(top_k, min(w2.shape)), min(num_iter, MAX_PASSES), cancel)
+            else:
+                q, info = w2.to(torch.float16), dict(rtn_info)
+            info = {**info, **fallback}
     elif top_k <= 0:
         return RoundingResult(ws.to(torch.float16), rtn_info)
     else:
@@ -660,37 +672,82 @@ def release_device_memory() -> None:
 
 
 def _calibrated(w2: torch.Tensor, cal: "LayerCalibration", num_iter: int, cancel: CancelHook | None
-                ) -> tuple[torch.Tensor, dict]:
-    """GPTQ on the fp16 grid for objective E||(Q - W) x||^2, then coordinate-descent refinement.
+                ) -> tuple[torch.Tensor | None, dict]:
+    """GPTQ on the fp16 grid for objective E||(Q - W) x||^2 (raw second moment, shrunk towards its diagonal), then
+    coordinate-descent refinement.
 
-    With a bias that will be corrected (b -= (Q - W) E[x]) only the centred part of x matters, so the covariance is
-    used; without one, the raw second moment E[x x^T].
+    With a split file (see calibration.py) the layer is first rounded on the fit half alone and measured on the
+    other half, rows that rounding never saw; if that held-out error is not below RTN's, returns (None, info) and
+    the caller rounds the layer as without calibration. Otherwise the layer is rounded on all calibration tokens and
+    the held-out figure is what the report gives (a cross-validated estimate: it is measured for the half fit).
     """
+    from .calibration import output_errors
+
+    check = None
+    if HELD_OUT_CHECK and cal.has_split:
+        (fit_mean, fit_gram), (rest_mean, rest_gram) = cal.halves()
+        q_fit, _ = _gptq_fp16(w2, fit_gram, num_iter, cancel)
+        rtn = w2.to(torch.float16).float()
+        err, ref = output_errors(w2, q_fit.float(), rest_mean, rest_gram)
+        err_rtn, _ = output_errors(w2, rtn, rest_mean, rest_gram)
+        check = {"output_error_on": "held-out half", "output_rel_error": err / ref if ref > 0 else 0.0,
+                 "rtn_output_rel_error": err_rtn / ref if ref > 0 else 0.0,
+                 "output_error_ratio": err / err_rtn if err_rtn > 0 else 1.0,
+                 "calibration_tokens": cal.count, "held_out_tokens": cal.count - cal.fit_count}
+        if not check["output_error_ratio"] < 1.0:
+            return None, {"calibrated_fallback": "no gain on the held-out half of the calibration text",
+                          "calibrated_held_out_ratio": check["output_error_ratio"]}
+    q, info = _gptq_fp16(w2, cal.gram, num_iter, cancel)
+    info["calibration_tokens"] = cal.count
+    if check is not None:
+        info.update(check)
+    else:
+        info.update(_output_error_info(w2, q, cal.mean, cal.gram, "calibration (in-sample)"))
+    if cal.eval_gram is not None:
+        ev = _output_error_info(w2, q, cal.eval_mean, cal.eval_gram, "eval text")
+        info.update({"eval_output_error_ratio": ev["output_error_ratio"],
+                     "eval_output_rel_error": ev["output_rel_error"]})
+        if check is None:
+            info.update(ev)
+    return q, info
+
+
+def _objective(gram: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """The matrix the rounding minimises tr(E H E^T) for: the raw second moment E[x x^T] (the mean error is part of
+    the objective, so no bias correction is needed to control it), shrunk towards its diagonal by SHRINK (a sample
+    of text over-fits the off-diagonal structure; the diagonal, RTN-like part carries over to other text), plus
+    DAMP of the mean diagonal. Inputs that never fire get a unit diagonal (their columns keep RTN anyway)."""
+    h = gram.to(device=dev, dtype=torch.float64)
+    diag = torch.diagonal(h).clone()
+    h = (1.0 - SHRINK) * h
+    h.diagonal().add_(SHRINK * diag + DAMP * diag.mean())
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    return h
+
+
+def _gptq_fp16(w2: torch.Tensor, gram: torch.Tensor, num_iter: int, cancel: CancelHook | None
+               ) -> tuple[torch.Tensor, dict]:
     m, n = w2.shape
     dev = w2.device
     dtype = torch.float64 if m * n * n <= FP64_WORK else torch.float32
-    h = cal.second_moment(centered=cal.has_bias, device=dev)
-    diag = torch.diagonal(h)
-    dead = diag <= 0
-    h[dead, dead] = 1.0
-    h += DAMP * diag.mean() * torch.eye(n, dtype=h.dtype, device=dev)
+    h = _objective(gram, dev)
+    dead = torch.diagonal(gram) <= 0
     rtn, _, e, d = neighbours(w2)
     rtn64, d64 = rtn.to(dtype), d.to(dtype)
-    d64[:, dead] = 0.0  # inputs that never fire: nothing to learn, keep RTN
-
-    flips = _gptq(w2.to(dtype), h.to(dtype), rtn64, d64, cancel)
+    d64[:, dead.to(dev)] = 0.0  # inputs that never fire: nothing to learn, keep RTN
+    w64, h = w2.to(dtype), h.to(dtype)
+    flips = _gptq(w64, h, rtn64, d64, cancel)
     sweeps = 0
     for _ in range(min(num_iter - 1, REFINE_SWEEPS)):
         _check(cancel)
-        changed = _refine_sweep(w2.to(dtype), h.to(dtype), rtn64, d64, flips)
+        changed = _refine_sweep(w64, h, rtn64, d64, flips)
         sweeps += 1
         if not changed:
             break
     q = torch.where(flips, (rtn64 + d64).to(torch.float16), rtn)
-    info = {"method": "gptq", "iterations": 1 + sweeps, "calibration_tokens": cal.count,
-            "centered": bool(cal.has_bias), "flips": int(torch.count_nonzero(flips))}
-    info.update(_output_error_info(w2, q, cal))
-    return q, info
+    return q, {"method": "gptq", "iterations": 1 + sweeps, "shrink": SHRINK, "damp": DAMP,
+               "flips": int(torch.count_nonzero(flips))}
 
 
 def _gptq(w: torch.Tensor, h: torch.Tensor, rtn: torch.Tensor, d: torch.Tensor, cancel: CancelHook | None
@@ -754,27 +811,15 @@ def _refine_sweep(w: torch.Tensor, h: torch.Tensor, rtn: torch.Tensor, d: torch.
     return bool(any_change)
 
 
-def _output_error_info(w2: torch.Tensor, q: torch.Tensor, cal: "LayerCalibration") -> dict:
-    """Output-error figures of q against RTN on the held-out statistics if the file has them, else on the
-    calibration statistics (then they are in-sample)."""
-    from .calibration import bias_correction, output_errors
+def _output_error_info(w2: torch.Tensor, q: torch.Tensor, mean: torch.Tensor, gram: torch.Tensor, on: str) -> dict:
+    """Output-error figures of q against RTN on the inputs summarised by (mean, gram)."""
+    from .calibration import output_errors
 
-    held_out = cal.eval_gram is not None
-    mean, gram = (cal.eval_mean, cal.eval_gram) if held_out else (cal.mean, cal.gram)
-    qf, rf = q.float(), w2.to(torch.float16).float()
-    err, ref = output_errors(w2, qf, mean, gram)
-    err_rtn, _ = output_errors(w2, rf, mean, gram)
-    info = {
-        "output_error_on": "held-out" if held_out else "calibration",
-        "output_rel_error": err / ref if ref > 0 else 0.0,
-        "rtn_output_rel_error": err_rtn / ref if ref > 0 else 0.0,
-        "output_error_ratio": err / err_rtn if err_rtn > 0 else 1.0,
-    }
-    if cal.has_bias:
-        with_bias, _ = output_errors(w2, qf, mean, gram, bias_correction(qf, w2, cal))
-        info["output_error_ratio_bias_corrected"] = with_bias / err_rtn if err_rtn > 0 else 1.0
-        info["bias_correction_gain"] = with_bias / err if err > 0 else 1.0
-    return info
+    err, ref = output_errors(w2, q.float(), mean, gram)
+    err_rtn, _ = output_errors(w2, w2.to(torch.float16).float(), mean, gram)
+    return {"output_error_on": on, "output_rel_error": err / ref if ref > 0 else 0.0,
+            "rtn_output_rel_error": err_rtn / ref if ref > 0 else 0.0,
+            "output_error_ratio": err / err_rtn if err_rtn > 0 else 1.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
