@@ -2,6 +2,7 @@
 
     python benchmarks/calib_shift.py                      # 3 seeds, the four cases below
     python benchmarks/calib_shift.py --seeds 0 --cases p2e e2p
+    python benchmarks/calib_shift.py --shrink 0.3 --bias-correction --no-check   # other settings of the components
 
 Texts: "prose" = sentences of the licence texts in /usr/share/common-licenses (GPL, LGPL, MPL, Apache, ...);
 "everyday" = tests/data/everyday.txt (short everyday sentences written for this check). For each seed both are
@@ -142,8 +143,15 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bias-correction", action="store_true", help="convert with bias correction on")
+    p.add_argument("--shrink", type=float, help="shrinkage towards the diagonal (default: rounding.SHRINK)")
+    p.add_argument("--no-check", action="store_true", help="no held-out check (report figure in-sample)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from quant_core import rounding
+    if args.shrink is not None:
+        rounding.SHRINK = args.shrink
+    if args.no_check:
+        rounding.HELD_OUT_CHECK = False
     options = {"bias_correction": True} if args.bias_correction else None
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from conftest import minilm_dir
