@@ -188,19 +188,22 @@ def _calibrated_line(learned: dict) -> str:
     """What the calibrated layers' figures say, and what they predict (held-out rows) or cannot (in-sample)."""
     n, fb = learned["calibrated_tensors"], learned.get("calibrated_fallbacks", 0)
     on = learned.get("output_error_on") or "calibration"
+    where = {"held-out half": "the held-out half of the calibration text"}.get(on, on)
     line = "calibrated rounding:"
     if n:
-        line += f" output error {learned['output_error_ratio_mean']:.3f}x RTN's (mean over {n} tensors, on {on}"
+        line += f" output error {learned['output_error_ratio_mean']:.3f}x RTN's (mean over {n} tensors, on {where}"
         if learned.get("eval_output_error_ratio_mean") is not None and on != "eval text":
             line += f"; {learned['eval_output_error_ratio_mean']:.3f}x on the eval text"
         line += ")"
         if learned.get("output_error_ratio_bias_corrected_mean") is not None:
             line += f", {learned['output_error_ratio_bias_corrected_mean']:.3f}x with corrected biases"
     if fb:
-        line += f"{';' if n else ''} {fb} layers rounded as without calibration (no gain on held-out rows)"
+        line += f"{';' if n else ''} {fb} layer(s) rounded as without calibration (no gain on held-out rows)"
     if "in-sample" in on:
-        line += ("; measured on the calibration tokens themselves (old statistics file without a held-out half): "
-                 "this does not predict the effect on other text")
+        line += ("; measured on the calibration tokens themselves (no held-out half): this does not predict the "
+                 "effect on other text")
+    elif on == "eval text":
+        line += "; expect it for text like the eval text"
     else:
         line += "; expect it for text like the calibration text, less for other text"
     return line

@@ -124,7 +124,7 @@ def test_report_of_a_calibrated_conversion(converted, calibration_files):
             if key.endswith(".bias"):
                 assert torch.equal(f.get_tensor(key), g.get_tensor(key)), key
     summary = format_summary(report)
-    assert "calibrated rounding: output error" in summary and "on held-out half" in summary, summary
+    assert "calibrated rounding: output error" in summary and "on the held-out half" in summary, summary
     # every stored element is one of its two fp16 neighbours
     key = "encoder.layer.1.intermediate.dense.weight"
     with safe_open(path, "pt") as f, safe_open(os.path.join(minilm_dir(), "model.safetensors"), "pt") as g:
