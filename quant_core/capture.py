@@ -19,6 +19,7 @@ import sys
 import torch
 
 from .calibration import CalibrationWriter
+from .errors import safe_text
 
 
 class CaptureError(Exception):
@@ -171,7 +172,7 @@ def main(argv: list[str]) -> int:
         src = capture(args.model, texts, args.output, eval_texts, args.max_length, args.batch_size, args.max_tokens,
                       args.device)
     except CaptureError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {safe_text(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {src.get('tokens', 0)} calibration tokens"
           + (f", {src.get('eval_tokens', 0)} held-out tokens" if eval_texts else ""))
