@@ -82,7 +82,7 @@ def test_converting_nodes_share_widgets_in_saved_workflow_order(comfy):
                         ("ScaledFP16SaveCLIP", "clip")):
         spec = pack.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
         assert list(spec["required"]) == [first] + CONVERT_WIDGETS
-        assert list(spec["optional"]) == ["calibration", "scaled_fp8_marker"]  # appended only, never inserted
+        assert list(spec["optional"]) == ["calibration"]  # appended only, never inserted
         assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
         defaults = {k: v[1]["default"] for k, v in spec["required"].items() if k in CONVERT_WIDGETS}
         assert defaults["num_iter"] == 256 and defaults["top_k"] == 1 and defaults["calib_samples"] == 3072
@@ -424,20 +424,14 @@ def test_progress_payloads_are_plain_json(comfy):
     assert out == {"a": None, "b": 2.5, "c": [1, None], "d": True}
 
 
-def test_scaled_fp8_marker_option(comfy):
-    """With quant_core support the file carries ComfyUI's `scaled_fp8` marker (float16) beside ours; without it the
-    option fails clearly before anything is written."""
+def test_scaled_fp8_marker_is_refused(comfy):
+    """The former option (ComfyUI 0.8.0+ casts files carrying the marker to fp8): an API prompt that still passes it
+    fails clearly before anything is written."""
     pack, rec = comfy
     write_model(os.path.join(models(pack.base, "diffusion_models"), "m.safetensors"), small_flux_specs(),
                 torch.bfloat16)
     convert = sys.modules[stand_ins.PACK_MODULE + ".nodes.convert"]
-    supported = "scaled_fp8_marker" in {f.name for f in __import__("dataclasses").fields(convert.ConvertOptions)}
     n = node(pack, "ScaledFP16Convert")
-    if not supported:
-        with pytest.raises(convert.ConversionError, match="scaled_fp8_marker needs"):
-            n.convert("diffusion_models/m.safetensors", scaled_fp8_marker=True, **convert_kwargs(output_name="mk"))
-        assert os.listdir(os.path.join(pack.base, "output", "diffusion_models")) == []
-        pytest.skip("quant_core has no ConvertOptions.scaled_fp8_marker yet")
-    n.convert("diffusion_models/m.safetensors", scaled_fp8_marker=True, **convert_kwargs(output_name="mk"))
-    sd = read(os.path.join(pack.base, "output", "diffusion_models", "mk.safetensors"))
-    assert sd["scaled_fp8"].dtype == torch.float16 and "scaled_fp16" in sd
+    with pytest.raises(convert.ConversionError, match="0.8.0"):
+        n.convert("diffusion_models/m.safetensors", scaled_fp8_marker=True, **convert_kwargs(output_name="mk"))
+    assert not os.listdir(os.path.join(pack.base, "output", "diffusion_models"))
