@@ -6,6 +6,9 @@ them a scale other than 1: that is where a loader that ignores `scale_weight` go
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import torch
 
 from quant_core.demo import flux_specs, t5_specs
@@ -95,3 +98,36 @@ def write_flux_lora(path: str, rank: int = 4) -> str:
     from safetensors.torch import save_file
     save_file(tensors, path)
     return path
+
+
+# Run by the ComfyUI host's own Python: every Linear weight quantized to fp8 by ComfyUI's own quantization code
+# (comfy.quant_ops, comfy-kitchen layouts) and stored in ComfyUI's checkpoint format (QUANTIZATION.md): the layout's
+# own state-dict tensors (`weight`, `weight_scale`) and `_quantization_metadata` naming each layer's format.
+_HOST_FP8_SCRIPT = r"""
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+from comfy.quant_ops import QuantizedTensor
+src, dst = sys.argv[1:3]
+out, layers = {}, {}
+for key, t in load_file(src).items():
+    if key.endswith(".weight") and t.ndim == 2:  # FLUX: every 2-D weight belongs to a Linear layer
+        q = QuantizedTensor.from_float(t, "TensorCoreFP8E4M3Layout", scale="recalculate")
+        out.update(q.state_dict(key))
+        layers[key[: -len(".weight")]] = {"format": "float8_e4m3fn"}
+    else:
+        out[key] = t
+meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+save_file(out, dst, metadata=meta)
+print(len(layers), "layers quantized to fp8")
+"""
+
+
+def write_fp8_with_host(comfy_dir: str, src: str, dst: str) -> str:
+    """`src` quantized to fp8 by the ComfyUI host in `comfy_dir` (its .venv Python and its comfy package)."""
+    python = os.path.join(comfy_dir, ".venv", "bin", "python")
+    p = subprocess.run([python, "-c", _HOST_FP8_SCRIPT, src, dst], cwd=comfy_dir, capture_output=True, text=True,
+                       timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"fp8 quantization by the host failed:\n{p.stdout}\n{p.stderr}")
+    return dst
