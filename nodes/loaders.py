@@ -135,7 +135,8 @@ def load_text_encoders(files: list[str], type_name: str, device: str):
 class ScaledFP16UNETLoader:
     TITLE = "Load Diffusion Model (Scaled FP16)"
     DESCRIPTION = ("Loads a diffusion model saved as scaled FP16 (or a plain safetensors file), applying each "
-                   "weight's scale_weight at load.")
+                   "weight's scale_weight: at load where the product fits fp16, else at run time with the weight "
+                   "kept fp16 (apply_scale).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load_unet"

@@ -108,26 +108,30 @@ import json, sys
 import torch
 from safetensors.torch import load_file, save_file
 from comfy.quant_ops import QuantizedTensor
-src, dst = sys.argv[1:3]
-out, layers = {}, {}
+src, dst, dst_values = sys.argv[1:4]
+out, values, layers = {}, {}, {}
 for key, t in load_file(src).items():
     if key.endswith(".weight") and t.ndim == 2:  # FLUX: every 2-D weight belongs to a Linear layer
         q = QuantizedTensor.from_float(t, "TensorCoreFP8E4M3Layout", scale="recalculate")
         out.update(q.state_dict(key))
+        values[key] = q.dequantize().float()
         layers[key[: -len(".weight")]] = {"format": "float8_e4m3fn"}
     else:
-        out[key] = t
+        out[key] = values[key] = t
 meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
 save_file(out, dst, metadata=meta)
+save_file(values, dst_values)
 print(len(layers), "layers quantized to fp8")
 """
 
 
-def write_fp8_with_host(comfy_dir: str, src: str, dst: str) -> str:
-    """`src` quantized to fp8 by the ComfyUI host in `comfy_dir` (its .venv Python and its comfy package)."""
+def write_fp8_with_host(comfy_dir: str, src: str, dst: str, dst_values: str) -> str:
+    """`src` quantized to fp8 by the ComfyUI host in `comfy_dir` (its .venv Python and its comfy package) into
+    `dst`; the values the fp8 weights stand for (dequantized by the host, float32) into the plain file
+    `dst_values`."""
     python = os.path.join(comfy_dir, ".venv", "bin", "python")
-    p = subprocess.run([python, "-c", _HOST_FP8_SCRIPT, src, dst], cwd=comfy_dir, capture_output=True, text=True,
-                       timeout=1800)
+    p = subprocess.run([python, "-c", _HOST_FP8_SCRIPT, src, dst, dst_values], cwd=comfy_dir, capture_output=True,
+                       text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"fp8 quantization by the host failed:\n{p.stdout}\n{p.stderr}")
     return dst

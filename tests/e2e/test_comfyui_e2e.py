@@ -229,25 +229,30 @@ def test_save_model_with_lora_matches_stock_lora(comfy, flux_file):
 def test_save_model_on_host_quantized_fp8_model(comfy, flux_file):
     """ComfyUI 0.8.0 holds the weights of quantized files as comfy-kitchen QuantizedTensors. A model quantized to fp8
     by the host's own code, loaded by the stock UNETLoader (with and without a LoRA) -> Save Model as Scaled FP16 ->
-    our loader -> sample, against the stock loader on the fp8 file (with the same LoRA)."""
+    our loader -> sample. References: the stock loader on the fp8 file; with the LoRA, the stock loader and the same
+    LoRA on a plain float32 file of the values the fp8 weights stand for (ComfyUI re-quantizes a LoRA-patched fp8
+    weight to fp8, which the saved file does not)."""
     if comfy.comfy_dir is None:
         pytest.skip("needs COMFYUI_DIR: the host's own Python quantizes the model")
     if comfy.version() < (0, 8, 0):
         pytest.skip(f"ComfyUI {'.'.join(map(str, comfy.version()))} has no QuantizedTensor weights (0.8.0 and later)")
     folder = model_dir(comfy, "diffusion_models")
     fp8 = os.path.join(folder, "flux-e2e-fp8.safetensors")
+    values = os.path.join(folder, "flux-e2e-fp8-values.safetensors")
     if not os.path.exists(fp8):
-        write_fp8_with_host(comfy.comfy_dir, os.path.join(folder, flux_file), fp8)
+        write_fp8_with_host(comfy.comfy_dir, os.path.join(folder, flux_file), fp8, values)
     lora = os.path.join(model_dir(comfy, "loras"), "flux-e2e-lora.safetensors")
     if not os.path.exists(lora):
         write_flux_lora(lora)
-    stock = {"2": {"class_type": "UNETLoader", "inputs": {"unet_name": os.path.basename(fp8),
-                                                          "weight_dtype": "default"}}}
-    errs = {}
-    for label, graph in (("fp8", {"1": {**stock["2"]}}),
-                         ("fp8 + LoRA", {**stock, "1": {"class_type": "LoraLoaderModelOnly", "inputs": {
-                             "model": ["2", 0], "lora_name": os.path.basename(lora), "strength_model": 1.0}}})):
-        tag = label.replace(" + ", "_")
+
+    def stock(name):
+        return {"class_type": "UNETLoader", "inputs": {"unet_name": os.path.basename(name), "weight_dtype": "default"}}
+
+    def with_lora(name):
+        return {"2": stock(name), "1": {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["2", 0], "lora_name": os.path.basename(lora), "strength_model": 1.0}}}
+
+    for tag, graph in (("fp8", {"1": stock(fp8)}), ("fp8_LoRA", with_lora(fp8))):
         comfy.free()
         entry = comfy.run({**graphs.flux_sample(graph, f"{tag}_stock"),
                            **graphs.save_model(["1", 0], f"flux-e2e-{tag}-saved")})
@@ -259,13 +264,21 @@ def test_save_model_on_host_quantized_fp8_model(comfy, flux_file):
         comfy.free()
         comfy.run(graphs.flux_sample({"1": {"class_type": "ScaledFP16UNETLoader", "inputs": {
             "unet_name": f"flux-e2e-{tag}-saved.safetensors", "weight_dtype": "default"}}}, f"{tag}_ours"))
-        errs[label] = rel(saved(comfy, f"{tag}_ours")["latent"], saved(comfy, f"{tag}_stock")["latent"])
     comfy.free()
-    lora_effect = rel(saved(comfy, "fp8_LoRA_stock")["latent"], saved(comfy, "fp8_stock")["latent"])
-    print("\nSave Model on a host-quantized fp8 model (QuantizedTensor weights): ours vs stock on the fp8 file "
-          + ", ".join(f"{k} {v:.3e}" for k, v in errs.items()) + f" (the LoRA moves the latent by {lora_effect:.3e})")
-    assert errs["fp8"] < FP16_TOLERANCE and errs["fp8 + LoRA"] < 2 ** -9
-    assert lora_effect > 10 * errs["fp8 + LoRA"]
+    comfy.run(graphs.flux_sample(with_lora(values), "fp8_values_LoRA_stock"))
+    comfy.free()
+    lat = {k: saved(comfy, k)["latent"] for k in ("fp8_stock", "fp8_ours", "fp8_LoRA_stock", "fp8_LoRA_ours",
+                                                  "fp8_values_LoRA_stock")}
+    err = rel(lat["fp8_ours"], lat["fp8_stock"])
+    err_lora = rel(lat["fp8_LoRA_ours"], lat["fp8_values_LoRA_stock"])
+    requant = rel(lat["fp8_LoRA_stock"], lat["fp8_values_LoRA_stock"])
+    lora_effect = rel(lat["fp8_LoRA_stock"], lat["fp8_stock"])
+    print(f"\nSave Model on a host-quantized fp8 model (QuantizedTensor weights): ours vs stock on the fp8 file "
+          f"{err:.3e}; with a LoRA, ours vs stock+LoRA on the fp8 values {err_lora:.3e} (stock+LoRA on the fp8 file, "
+          f"which re-quantizes patched weights to fp8: {requant:.3e}; the LoRA moves the latent by {lora_effect:.3e})")
+    # the fp8 values times their per-tensor scale are float32 values that fp16 rounds, as for a LoRA-patched weight
+    assert err < 2 ** -9 and err_lora < 2 ** -9
+    assert lora_effect > 10 * err_lora
 
 
 def test_save_clip_matches_stock(comfy, t5_file):
