@@ -112,9 +112,11 @@ src, dst, dst_values = sys.argv[1:4]
 out, values, layers = {}, {}, {}
 for key, t in load_file(src).items():
     if key.endswith(".weight") and t.ndim == 2:  # FLUX: every 2-D weight belongs to a Linear layer
-        q = QuantizedTensor.from_float(t, "TensorCoreFP8E4M3Layout", scale="recalculate")
+        # from float32, so that dequantize() gives the exact products fp8 value x scale, as ComfyUI computes them
+        # on the CPU (in bf16 they would be rounded to bf16)
+        q = QuantizedTensor.from_float(t.float(), "TensorCoreFP8E4M3Layout", scale="recalculate")
         out.update(q.state_dict(key))
-        values[key] = q.dequantize().float()
+        values[key] = q.dequantize()
         layers[key[: -len(".weight")]] = {"format": "float8_e4m3fn"}
     else:
         out[key] = values[key] = t
