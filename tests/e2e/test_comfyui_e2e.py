@@ -445,6 +445,7 @@ def test_rss_of_runtime_scales_vs_stock_fp16(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("comfy-rss"))
     folder = os.path.join(base, "models", "diffusion_models")
     os.makedirs(folder)
+    os.makedirs(os.path.join(base, "output"))
     specs = flux_specs(hidden=3072, double_blocks=4, single_blocks=5)
 
     def weight(key, shape):  # the same FP32 values for both files, made on demand (no FP32 file on disk)
