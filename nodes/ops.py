@@ -31,7 +31,8 @@ class ScaledFP16Ops(comfy.ops.manual_cast):
             for name in DROPPED:
                 state_dict.pop(prefix + name, None)
             if scale is not None:
-                scale = scale.detach().to(torch.float32).reshape(())
+                # a copy: a tensor read from a memory-mapped file keeps the whole mapping (and its pages) alive
+                scale = scale.detach().to(torch.float32).reshape(()).clone()
                 weight = getattr(self, "weight", None)
                 device = weight.device if isinstance(weight, torch.Tensor) else None
                 if float(scale) == 1.0:

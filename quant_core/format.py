@@ -255,7 +255,7 @@ def iter_dequantized(path: str, dtype: torch.dtype | None = None, scale_at: str 
                         if kept_scaled is not None:
                             kept_scaled.append(key)
                         yield key, (t.to(dtype) if dtype is not None else t)
-                        yield scale_key, s
+                        yield scale_key, s.clone()  # not a view of the file's memory map
                         continue
                     w = t.float() * scale if w is None else w
                     t = w.to(dtype) if dtype is not None else w.to(_lossless_dtype(w))
