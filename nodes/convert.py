@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import comfy.model_management
 
 from ..quant_core import Cancelled, ConversionError, ConvertOptions, convert, convert_file
-from ..quant_core.format import default_output_path
+from ..quant_core.format import FP8_MARKER_REMOVED, default_output_path
 from . import paths
 from .progress import ConversionProgress
 
@@ -62,18 +61,14 @@ def conversion_widgets(default_name: str = "") -> dict:
 
 
 def optional_widgets() -> dict:
-    """Optional widgets come after the required ones in saved workflows; new ones are appended here, never inserted."""
+    """Optional widgets come after the required ones in saved workflows; new ones are appended here, never inserted.
+    The former `scaled_fp8_marker` widget (last here) is gone, ComfyUI 0.8.0 and later cast such files to fp8: never
+    reuse its name; workflows that still store a value for it load with the value ignored."""
     _, sweeps = _passes()
     return {"calibration": (paths.calibration_files(), {"default": paths.NO_CALIBRATION, "tooltip":
                             "Calibration statistics from `python -m quant_core capture` (models/"
                             f"{paths.CALIBRATION_KIND}); enables activation-aware rounding (biases stay as they "
-                            f"are; then num_iter above {1 + sweeps} changes nothing)."}),
-            "scaled_fp8_marker": ("BOOLEAN", {"default": False, "tooltip":
-                                  "Also write ComfyUI's own `scaled_fp8` marker (dtype float16). Then the stock "
-                                  "UNETLoader and the stock CLIP loaders (T5XXL) apply scale_weight themselves and "
-                                  "keep the weights in fp16; without it only the Scaled FP16 loaders read the file "
-                                  "right. Scales are applied to Linear layers only."})}
-
+                            f"are; then num_iter above {1 + sweeps} changes nothing)."})}
 
 HIDDEN = {"unique_id": "UNIQUE_ID"}
 
@@ -83,16 +78,11 @@ def conversion_options(num_iter: int, top_k: int, calib_samples: int, t5xxl: boo
                        scaled_fp8_marker: bool = False) -> ConvertOptions:
     """The node widgets as converter settings, computed on ComfyUI's device (the CPU under --cpu)."""
     device = comfy.model_management.get_torch_device()
-    extra = {}
     if scaled_fp8_marker:
-        if "scaled_fp8_marker" not in {f.name for f in dataclasses.fields(ConvertOptions)}:
-            raise ConversionError("scaled_fp8_marker needs a quant_core whose ConvertOptions has "
-                                  "scaled_fp8_marker; this one does not (update the pack)")
-        extra["scaled_fp8_marker"] = True
+        raise paths.ConversionFailed(FP8_MARKER_REMOVED)
     return ConvertOptions(t5xxl=t5xxl, keep_distillation=keep_distillation, num_iter=num_iter, top_k=top_k,
                           calib_samples=calib_samples, calibration=paths.calibration_path(calibration),
-                          device=str(device) if device.type in ("cpu", "cuda") else "cpu", overwrite=overwrite,
-                          **extra)
+                          device=str(device) if device.type in ("cpu", "cuda") else "cpu", overwrite=overwrite)
 
 
 def run_conversion(src, dst: str, options: ConvertOptions, progress: ConversionProgress) -> dict:

@@ -1,34 +1,98 @@
 """Loaders for scaled-FP16 files (plain files load too).
 
-Each weight is dequantized (`weight.float() * scale_weight`) as it is read, one tensor at a time, and the scale and
-marker tensors are dropped (`quant_core.format.iter_dequantized`); ComfyUI then builds the model from real weights.
-Stock loaders would run a scaled_fp16 file with its weights unscaled (docs/comfyui.md).
+Weights are read one tensor at a time and the scale and marker tensors dropped (`quant_core.format.iter_dequantized`).
+A weight whose scale is not 1 is dequantized (`weight.float() * scale_weight`) at load where the product fits the
+file's fp16 exactly; elsewhere the diffusion-model loader keeps the fp16 weight and its scale and lets ComfyUI build
+the model with Linear layers that apply the scale at run time (`ops.ScaledFP16Ops` through
+`model_options["custom_operations"]`), so that the model costs what an fp16 model costs. Stock loaders would run a
+scaled_fp16 file with its weights unscaled (docs/comfyui.md).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 
 import comfy.sd
 import folder_paths
 import nodes as comfy_nodes  # ComfyUI's nodes.py: the stock loaders' widget lists are reused, not copied
 import torch
 
-from ..quant_core.format import load_dequantized_state_dict
+from ..quant_core.format import (SCALE_AT_LOAD, SCALE_AT_RUN, SCALE_AUTO, has_fp8_marker, load_dequantized_state_dict)
 from ..quant_core.safetensors_io import read_header
 from . import paths
 from .convert import LOADER_CATEGORY as CATEGORY
 
+log = logging.getLogger("comfyui-scaled-fp16")
 
 WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# the diffusion-model loader's `apply_scale` widget: where a weight's scale is applied
+APPLY_SCALE = {"auto": SCALE_AUTO, "at load": SCALE_AT_LOAD, "at run time": SCALE_AT_RUN}
+_WARNED_FP8_MARKER: set[str] = set()
 
 
 class UnrecognisedModel(ValueError):
     """ComfyUI could not tell what model a file holds."""
 
 
-def _state_dict(path: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Real weights of a scaled-FP16 or plain safetensors file; `dtype=None` keeps each tensor lossless."""
-    return load_dequantized_state_dict(path, dtype)
+def _state_dict(path: str, dtype: torch.dtype | None = None, scale_at: str = SCALE_AT_LOAD,
+                kept_scaled: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Weights of a scaled-FP16 or plain safetensors file (see `iter_dequantized`); `dtype=None` keeps each tensor
+    lossless."""
+    _warn_fp8_marker(path)
+    return load_dequantized_state_dict(path, dtype, scale_at, kept_scaled)
+
+
+def _warn_fp8_marker(path: str) -> None:
+    """Once per file: a file written with the former scaled_fp8 option loads right here, not in stock loaders."""
+    if path in _WARNED_FP8_MARKER:
+        return
+    try:
+        if not has_fp8_marker(read_header(path)):
+            return
+    except Exception:  # a bad file: the reader names it when it is loaded
+        return
+    _WARNED_FP8_MARKER.add(path)
+    log.warning("%s carries a 'scaled_fp8' marker (written by an earlier version of this pack): it loads right in "
+                "the Scaled FP16 loaders, but the stock loaders of ComfyUI 0.8.0 and later cast every weight of it "
+                "to fp8 (wrong images). Rewrite it without the marker: python -m quant_core strip-fp8-marker "
+                "\"%s\" --in-place", path, path)
+
+
+def _load_diffusion_model(sd: dict, model_options: dict, metadata: dict | None):
+    """comfy.sd.load_diffusion_model_state_dict, passing the file's metadata where this ComfyUI takes it."""
+    fn = comfy.sd.load_diffusion_model_state_dict
+    try:
+        takes_metadata = "metadata" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes_metadata = False
+    if takes_metadata:
+        return fn(sd, model_options=model_options, metadata=metadata)
+    return fn(sd, model_options=model_options)
+
+
+def load_diffusion_model(path: str, dtype: torch.dtype | None, scale_at: str):
+    """A MODEL from a scaled-FP16 (or plain) diffusion-model file; weights that do not fit fp16 once scaled stay
+    fp16 with their scale applied at run time unless `scale_at` is "load"."""
+    metadata = read_header(path).metadata or None
+    kept: list[str] = []
+    sd = _state_dict(path, dtype, scale_at, kept)
+    model_options = {"dtype": dtype} if dtype is not None else {}
+    if not kept:
+        return _load_diffusion_model(sd, model_options, metadata)
+    from .ops import ScaledFP16Ops, runtime_scaled_layers
+    model = _load_diffusion_model(sd, {**model_options, "custom_operations": ScaledFP16Ops}, metadata)
+    if model is None:
+        return None
+    applied = len(runtime_scaled_layers(model.model))
+    if applied != len(kept):
+        # a scaled weight of a layer kind other than Linear (or keys this architecture renames): load it the safe way
+        log.warning("%s: %d of %d scaled weights are not in Linear layers that can apply a scale at run time; "
+                    "dequantizing all of them at load instead", path, len(kept) - applied, len(kept))
+        del model, sd
+        return _load_diffusion_model(_state_dict(path, dtype, SCALE_AT_LOAD), model_options, metadata)
+    log.info("%s: %d weights stay fp16 with their scale applied at run time", path, applied)
+    return model
 
 
 def _override_input(name: str) -> dict:
@@ -71,7 +135,8 @@ def load_text_encoders(files: list[str], type_name: str, device: str):
 class ScaledFP16UNETLoader:
     TITLE = "Load Diffusion Model (Scaled FP16)"
     DESCRIPTION = ("Loads a diffusion model saved as scaled FP16 (or a plain safetensors file), applying each "
-                   "weight's scale_weight at load.")
+                   "weight's scale_weight: at load where the product fits fp16, else at run time with the weight "
+                   "kept fp16 (apply_scale).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load_unet"
@@ -82,17 +147,23 @@ class ScaledFP16UNETLoader:
         return {"required": {"unet_name": (folder_paths.get_filename_list(cls.KIND),),
                              "weight_dtype": (list(WEIGHT_DTYPES), {"tooltip":
                                               "Dtype of the weights in memory; default lets ComfyUI choose."})},
-                "optional": _override_input("unet_name_override")}
+                # optional inputs: sockets and widgets are appended here, never inserted (saved workflows)
+                "optional": {**_override_input("unet_name_override"),
+                             "apply_scale": (list(APPLY_SCALE), {"default": "auto", "tooltip":
+                                             "Where a weight's scale_weight is applied. auto: at load where "
+                                             "weight x scale fits fp16 exactly (scale 1, in-range values), else at "
+                                             "run time, keeping the fp16 weight (the model costs what an fp16 model "
+                                             "costs). at load: always multiplied out at load (wider dtype where "
+                                             "fp16 cannot hold the product). at run time: every scaled weight of a "
+                                             "Linear layer stays fp16."})}}
 
     @classmethod
-    def IS_CHANGED(cls, unet_name, weight_dtype=None, unet_name_override=None):
+    def IS_CHANGED(cls, unet_name, weight_dtype=None, unet_name_override=None, apply_scale=None):
         return _signature(cls.KIND, paths.loader_name(cls.KIND, unet_name, unet_name_override))
 
-    def load_unet(self, unet_name, weight_dtype, unet_name_override=None):
+    def load_unet(self, unet_name, weight_dtype, unet_name_override=None, apply_scale="auto"):
         path = paths.full_path(self.KIND, paths.loader_name(self.KIND, unet_name, unet_name_override))
-        dtype = WEIGHT_DTYPES[weight_dtype]
-        model_options = {"dtype": dtype} if dtype is not None else {}
-        model = comfy.sd.load_diffusion_model_state_dict(_state_dict(path, dtype), model_options=model_options)
+        model = load_diffusion_model(path, WEIGHT_DTYPES[weight_dtype], APPLY_SCALE[apply_scale])
         if model is None:
             raise UnrecognisedModel(f"{path}: ComfyUI does not recognise this diffusion model's architecture "
                                     "(is it a text encoder, VAE or LoRA?)")

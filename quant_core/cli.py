@@ -19,6 +19,7 @@ from tqdm import tqdm
 from . import __version__
 from .convert import ConvertOptions, convert_file
 from .errors import Cancelled, ConversionError, safe_text
+from .format import FP8_MARKER_REMOVED, strip_fp8_marker
 from .report import format_summary
 from .scaling import POLICIES
 
@@ -53,11 +54,15 @@ class _SignalCancel:
         return self.event.is_set()
 
 
+STRIP_COMMAND = "strip-fp8-marker"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m quant_core",
         description="Convert a safetensors model to scaled FP16 (fp16 weights + power-of-two scale_weight) with "
-                    "learned rounding on the fp16 grid. Subcommand: 'capture' records calibration statistics.")
+                    "learned rounding on the fp16 grid. Subcommands: 'capture' records calibration statistics; "
+                    f"'{STRIP_COMMAND}' rewrites a file of an earlier version without ComfyUI's scaled_fp8 marker.")
     p.add_argument("--input", help="input .safetensors file (pickle formats are refused)")
     p.add_argument("--output", help="output file (default: <input>_float16_scaled_learned[_nodistill]_svd.safetensors)")
     p.add_argument("--t5xxl", action="store_true", help="T5XXL text encoder mode: drop decoder/lm_head, keep "
@@ -76,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "calibrated layer's bias by -(Q - W) E[x] (off by default: it did not help on held-out text)")
     p.add_argument("--scale", choices=POLICIES, default="auto", help="auto: scale 1 unless a tensor would "
                    "overflow fp16 or lose precision to subnormals; pow2: always scale (BF16 input exactly lossless)")
-    p.add_argument("--scaled_fp8_marker", action="store_true", help="also write ComfyUI's 'scaled_fp8' marker "
-                   "(float16) so that stock ComfyUI loaders apply scale_weight (see README)")
+    p.add_argument("--scaled_fp8_marker", action="store_true", help=argparse.SUPPRESS)  # removed: refused
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--report", metavar="FILE.json", help="write the full per-tensor report as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "capture":
         from .capture import main as capture_main
         return capture_main(argv[1:])
+    if argv and argv[0] == STRIP_COMMAND:
+        return _strip_fp8_marker(argv[1:])
     signals = _SignalCancel()
     previous = signals.install()
     try:
@@ -140,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str], signals: _SignalCancel) -> int:
     args = build_parser().parse_args(argv)
     args.signals = signals
+    if args.scaled_fp8_marker:
+        print(f"error: --scaled_fp8_marker: {FP8_MARKER_REMOVED}; to clean a file written with it: "
+              f"python -m quant_core {STRIP_COMMAND} FILE --in-place", file=sys.stderr)
+        return 2
     if args.demo:
         return _demo(args)
     if not args.input:
@@ -151,8 +161,7 @@ def _convert(args, src: str, dst: str | None, report_path: str | None = None) ->
     options = ConvertOptions(t5xxl=args.t5xxl, keep_distillation=args.keep_distillation, num_iter=args.num_iter,
                              top_k=args.top_k, calib_samples=args.calib_samples, scale=args.scale,
                              calibration=args.calibration, bias_correction=args.bias_correction,
-                             device=args.device, overwrite=args.overwrite,
-                             scaled_fp8_marker=args.scaled_fp8_marker)
+                             device=args.device, overwrite=args.overwrite)
     bar = ProgressBar(args.quiet)
     try:
         report = convert_file(src, dst, options, on_event=bar, cancel=args.signals.cancel, report_path=report_path)
@@ -197,3 +206,29 @@ def _demo(args) -> int:
             kept = f"the BF16 result is at {args.output}; " if args.output else ""
             print(f"\ndemo: done ({kept}the temp folder and everything in it are removed now)")
         return 0
+
+
+def _strip_fp8_marker(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog=f"python -m quant_core {STRIP_COMMAND}",
+        description="Rewrite a scaled-FP16 file written with the former --scaled_fp8_marker option without ComfyUI's "
+                    "'scaled_fp8' marker (ComfyUI 0.8.0 and later cast every weight of such a file to fp8 in its "
+                    "stock loaders). Everything else is copied byte for byte, one tensor at a time, into a temporary "
+                    "file that is renamed into place at the end. Exit status 0 done, 2 bad input.")
+    p.add_argument("file", help="the scaled-FP16 .safetensors file")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output", help="write the cleaned file here (FILE is left as it is)")
+    where.add_argument("--in-place", action="store_true", help="replace FILE itself (atomically: a crash or "
+                       "cancel leaves the old file intact)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    args = p.parse_args(argv)
+    try:
+        written = strip_fp8_marker(args.file, None if args.in_place else args.output, args.overwrite)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled, nothing changed", file=sys.stderr)
+        return 2
+    print(f"wrote {written} without the scaled_fp8 marker")
+    return 0

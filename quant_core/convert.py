@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -49,7 +48,6 @@ class ConvertOptions:
     scale: str = "auto"          # "auto" | "pow2", see scaling.py
     calibration: str | None = None  # calibration statistics file (see calibration.py)
     bias_correction: bool = False  # with a calibration file: b -= (Q - W) E[x] (off: no held-out gain, rounding.md)
-    scaled_fp8_marker: bool = False  # also write ComfyUI's `scaled_fp8` marker (see README: stock loaders)
     device: str = "auto"         # "auto" | "cpu" | "cuda" | "cuda:N"
     overwrite: bool = False
 
@@ -339,7 +337,18 @@ def convert_file(src: str, dst: str | None = None, options: ConvertOptions | Non
 def convert(source, dst: str, options: ConvertOptions | None = None, on_event: EventCallback | None = None,
             cancel: CancelHook | None = None, report_path: str | None = None) -> dict:
     """Convert any tensor source (a `SafetensorsReader`, or a `sources.StateDictSource` for tensors in memory) to
-    the scaled-FP16 file `dst`. Same events, cancel, report and no-partial-file guarantees as `convert_file`."""
+    the scaled-FP16 file `dst`. Same events, cancel, report and no-partial-file guarantees as `convert_file`.
+
+    Whatever the conversion held on a GPU (the rounding's captured graphs, their buffers, torch's cache of the
+    tensors it used) is given back when it ends, however it ends."""
+    try:
+        return _convert(source, dst, options, on_event, cancel, report_path)
+    finally:
+        _release_device_memory()
+
+
+def _convert(source, dst: str, options: ConvertOptions | None, on_event: EventCallback | None,
+             cancel: CancelHook | None, report_path: str | None) -> dict:
     options = options or ConvertOptions()
     options.validate()
     check_output_path(source.path if isinstance(source, SafetensorsReader) else None, dst, options.overwrite,
@@ -352,7 +361,7 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
     for folder in {os.path.dirname(os.path.abspath(p)) for p in (dst, report_path) if p}:
         clean_stale_temps(folder, started)  # left by a conversion that was killed (no handler saw it)
     emit = on_event or (lambda e: None)
-    rules = fmt.Rules(options.t5xxl, options.keep_distillation, options.scaled_fp8_marker)
+    rules = fmt.Rules(options.t5xxl, options.keep_distillation)
     src = source.path
 
     calibration = None
@@ -460,9 +469,6 @@ def convert(source, dst: str, options: ConvertOptions | None = None, on_event: E
             except BaseException:
                 pass
             raise
-        finally:
-            if cuda and "quant_core.rounding" in sys.modules:
-                _rounding().release_device_memory()  # captured graphs and their buffers: not between conversions
         prefetch.close()
         writer.sync()
         report = summary.finish(writer.total_bytes, time.perf_counter() - t_start)
@@ -489,9 +495,33 @@ class _NoFile:
         pass
 
 
+_ROUNDING = None  # the rounding module once a conversion needed it (whatever name the package was imported under)
+
+
 def _rounding():
-    from . import rounding  # imported on first use: a plain --num_iter 0 conversion never needs it
-    return rounding
+    global _ROUNDING
+    if _ROUNDING is None:
+        from . import rounding  # imported on first use: a plain --num_iter 0 conversion never needs it
+        _ROUNDING = rounding
+    return _ROUNDING
+
+
+def _release_device_memory() -> None:
+    """Give back what a conversion held on the GPU: the rounding's captured graphs and buffers (through the module
+    object imported above, so it works under any package name, e.g. the folder path ComfyUI imports a pack under),
+    then torch's cached blocks, so that whatever runs next in the process (in ComfyUI: sampling) finds them free."""
+    if _ROUNDING is not None:
+        _ROUNDING.release_device_memory()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        # cuBLAS keeps a workspace (32 MiB on Hopper) for every stream that ran a matrix product, the rounding's
+        # capture streams included, allocated through torch's allocator and never freed by empty_cache(): two
+        # conversions left 96 MiB allocated on an H200. torch's own (underscored) hook drops them; the next
+        # product anywhere allocates its workspace again.
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
+        torch.cuda.empty_cache()
 
 
 def _releaser(pool: _BufferPool | None, buf: torch.Tensor | None) -> Callable[[], None] | None:

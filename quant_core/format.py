@@ -39,15 +39,20 @@ QUANTIZE, KEEP, REMOVE, KEEP_UNSCALED = "quantize", "keep", "remove", "keep_unsc
 ACTION_NAMES = {QUANTIZE: "quantized", KEEP: "kept", REMOVE: "removed", KEEP_UNSCALED: "kept"}
 
 
+# ComfyUI's scaled-fp8 marker. Earlier versions of this converter could add it (dtype float16) so that ComfyUI
+# 0.3.x's stock loaders applied scale_weight; ComfyUI 0.8.0 and later cast every weight of a file carrying it to fp8
+# (comfy.utils.convert_old_quants), so it is never written any more. Files that have it next to our own marker still
+# load right in this pack's loaders; `strip_fp8_marker` rewrites them without it.
 FP8_MARKER_KEY = "scaled_fp8"
+FP8_MARKER_REMOVED = ("the scaled_fp8 marker option was removed: ComfyUI 0.8.0 and later cast every weight of a "
+                      "file carrying that marker to fp8 (relative L2 error of the sampled output 1.1e-1 measured "
+                      "on a FLUX-architecture model); load scaled FP16 files with this pack's loaders")
 
 
 @dataclass(frozen=True)
 class Rules:
     t5xxl: bool = False
     keep_distillation: bool = False
-    # also write ComfyUI's own `scaled_fp8` marker (float16, shape [0]) so that stock loaders apply scale_weight
-    scaled_fp8_marker: bool = False
 
 
 def classify(key: str, dtype: str, shape: tuple[int, ...], rules: Rules) -> str:
@@ -117,12 +122,7 @@ def plan(header: Header, rules: Rules) -> list[PlanItem]:
 
 def markers(rules: Rules) -> dict[str, torch.Tensor]:
     """The marker tensors written after all weights."""
-    out = {MARKER_KEY: torch.zeros((0,) if rules.t5xxl else (2,), dtype=torch.float16)}
-    if rules.scaled_fp8_marker:
-        # ComfyUI reads the weight dtype from the marker's dtype; for diffusion models a 2-element marker also
-        # keeps its fp8 matmul optimisations off (measured correct with either shape for FLUX, [0] for T5XXL)
-        out[FP8_MARKER_KEY] = torch.zeros((0,) if rules.t5xxl else (2,), dtype=torch.float16)
-    return out
+    return {MARKER_KEY: torch.zeros((0,) if rules.t5xxl else (2,), dtype=torch.float16)}
 
 
 def output_entries(items: list[PlanItem], rules: Rules) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -156,6 +156,43 @@ def is_scaled_fp16(header: Header) -> bool:
     return MARKER_KEY in header.tensors
 
 
+def has_fp8_marker(header: Header) -> bool:
+    """A scaled-FP16 file that also carries ComfyUI's `scaled_fp8` marker (written by earlier versions on request):
+    ComfyUI 0.8.0 and later's stock loaders cast its weights to fp8."""
+    return is_scaled_fp16(header) and FP8_MARKER_KEY in header.tensors
+
+
+def strip_fp8_marker(src: str, dst: str | None = None, overwrite: bool = False) -> str:
+    """Rewrite scaled-FP16 file `src` without the `scaled_fp8` marker; every other tensor and the metadata are kept
+    byte for byte. Streams one tensor at a time into a temporary file in the destination folder that is renamed
+    into place at the end (`dst` None: `src` itself is replaced that way, atomically). Returns the path written.
+
+    Refused (ConversionError) for a file without our marker (its `scaled_fp8` marker belongs to a real fp8 file,
+    which needs it) and for a file without a `scaled_fp8` marker (nothing to do)."""
+    from .safetensors_io import StreamingWriter, check_input_path
+
+    check_input_path(src)
+    in_place = dst is None or os.path.realpath(dst) == os.path.realpath(src)
+    dst = src if in_place else dst
+    with SafetensorsReader(src) as reader:
+        header = reader.header
+        if FP8_MARKER_KEY not in header.tensors:
+            raise ConversionError(f"{src}: has no '{FP8_MARKER_KEY}' marker; nothing to strip")
+        if not is_scaled_fp16(header):
+            raise ConversionError(f"{src}: not a scaled-FP16 file (no '{MARKER_KEY}' tensor): its "
+                                  f"'{FP8_MARKER_KEY}' marker belongs to an fp8 model, which needs it")
+        if not in_place and os.path.exists(dst) and not overwrite:
+            raise ConversionError(f"{dst}: already exists (use --overwrite to replace it)")
+        keys = [k for k in header.tensors if k != FP8_MARKER_KEY]
+        entries = [(k, header.tensors[k].dtype, header.tensors[k].shape) for k in keys]
+        buf = torch.empty(max((header.tensors[k].nbytes for k in keys), default=1), dtype=torch.uint8)
+        with StreamingWriter(dst, entries, header.metadata, overwrite=in_place or overwrite) as writer:
+            for key in keys:
+                writer.write(key, reader.read_into(key, buf))
+            writer.commit()
+    return dst
+
+
 def _lossless_dtype(w: torch.Tensor) -> torch.dtype:
     """The smallest of fp16/bf16/fp32 that holds every value of float32 `w` exactly."""
     for dt in (torch.float16, torch.bfloat16):
@@ -165,14 +202,30 @@ def _lossless_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def iter_dequantized(path: str, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+SCALE_AT_LOAD, SCALE_AUTO, SCALE_AT_RUN = "load", "auto", "run"
+SCALE_MODES = (SCALE_AUTO, SCALE_AT_LOAD, SCALE_AT_RUN)
+
+
+def _fits(w: torch.Tensor, dtype: torch.dtype) -> bool:
+    c = w.to(dtype)
+    return bool(torch.isfinite(c).all()) and torch.equal(c.float(), w)
+
+
+def iter_dequantized(path: str, dtype: torch.dtype | None = None, scale_at: str = SCALE_AT_LOAD,
+                     kept_scaled: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) of a scaled-FP16 (or plain) safetensors file, one tensor at a time.
 
-    Weights come out as ``weight.float() * scale_weight`` cast to `dtype`; with ``dtype=None`` each weight gets the
-    smallest dtype that holds the dequantized values exactly (fp16 when the scale is 1 and for in-range values,
-    else bf16 or fp32). Scale and marker tensors are dropped. Other tensors keep their dtype unless `dtype` is given
-    and they are floating.
+    `scale_at` says what happens to a weight whose scale is not 1:
+    - "load": it comes out as ``weight.float() * scale_weight`` cast to `dtype`; with ``dtype=None`` it gets the
+      smallest dtype that holds the dequantized values exactly (fp16 for in-range values, else bf16 or fp32);
+    - "run": it comes out as stored (cast to `dtype` if given), followed by its ``scale_weight``, for a loader that
+      applies the scale at run time; its key is appended to `kept_scaled`;
+    - "auto": "load" where the product fits the weight's own stored dtype exactly, else "run".
+    Other scale and marker tensors are dropped. Other tensors keep their dtype unless `dtype` is given and they are
+    floating.
     """
+    if scale_at not in SCALE_MODES:
+        raise ValueError(f"scale_at must be one of {SCALE_MODES}, got {scale_at!r}")
     header = SafetensorsReader(path).header  # validates the file, names it in errors
     keyset = set(header.tensors)
     # the loaders hand these tensors to ComfyUI, which copies them into the model: read them through the library's
@@ -192,7 +245,19 @@ def iter_dequantized(path: str, dtype: torch.dtype | None = None) -> Iterator[tu
                     raise ConversionError(f"{path}: '{scale_key}' is {scale}; a scale must be finite and > 0 "
                                           "(the file is damaged or was not written by a scaled-FP16 converter)")
                 if scale != 1.0:
-                    w = t.float() * scale
+                    w = None
+                    keep = scale_at == SCALE_AT_RUN
+                    if scale_at == SCALE_AUTO:
+                        w = t.float() * scale
+                        keep = not _fits(w, t.dtype)
+                    if keep:
+                        del w
+                        if kept_scaled is not None:
+                            kept_scaled.append(key)
+                        yield key, (t.to(dtype) if dtype is not None else t)
+                        yield scale_key, s.clone()  # not a view of the file's memory map
+                        continue
+                    w = t.float() * scale if w is None else w
                     t = w.to(dtype) if dtype is not None else w.to(_lossless_dtype(w))
                 elif dtype is not None:
                     t = t.to(dtype)
@@ -201,9 +266,10 @@ def iter_dequantized(path: str, dtype: torch.dtype | None = None) -> Iterator[tu
             yield key, t
 
 
-def load_dequantized_state_dict(path: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """A state dict of real weights from a scaled-FP16 file (see `iter_dequantized`), built one tensor at a time."""
-    return dict(iter_dequantized(path, dtype))
+def load_dequantized_state_dict(path: str, dtype: torch.dtype | None = None, scale_at: str = SCALE_AT_LOAD,
+                                kept_scaled: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a scaled-FP16 file (see `iter_dequantized`), built one tensor at a time."""
+    return dict(iter_dequantized(path, dtype, scale_at, kept_scaled))
 
 
 def dtype_name(dtype: str) -> str:

@@ -168,13 +168,3 @@ def test_same_input_same_bytes(flux_bf16, tmp_path):
     convert_file(flux_bf16, b, ConvertOptions())
     assert open(a, "rb").read() == open(b, "rb").read()
     assert os.path.getsize(a) > 0
-
-
-def test_scaled_fp8_marker_option(flux_bf16, tmp_path):
-    out = str(tmp_path / "out.safetensors")
-    convert_file(flux_bf16, out, ConvertOptions(num_iter=0, scaled_fp8_marker=True))
-    dst, meta = read_all(out)
-    assert dst["scaled_fp8"].dtype == torch.float16 and tuple(dst["scaled_fp8"].shape) == (2,)
-    assert tuple(dst["scaled_fp16"].shape) == (2,)
-    assert json.loads(meta["scaled_fp16.settings"])["scaled_fp8_marker"] is True
-    assert "scaled_fp8" not in load_dequantized_state_dict(out)

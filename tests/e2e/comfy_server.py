@@ -41,6 +41,7 @@ class ComfyServer:
         self.log_path = log_path
         self.client_id = uuid.uuid4().hex
         self.events = EventStream(self.url, self.client_id)
+        self.comfy_dir: str | None = None  # the ComfyUI checkout, when the test started the server
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 
@@ -166,6 +167,18 @@ class ComfyServer:
         q = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": "output"})
         with urllib.request.urlopen(f"{self.url}/view?{q}", timeout=120) as r:
             return r.read()
+
+    def version(self) -> tuple[int, ...]:
+        """ComfyUI's version as numbers, e.g. (0, 8, 0)."""
+        text = self.get("/system_stats")["system"]["comfyui_version"]
+        return tuple(int(p) for p in text.split("-")[0].split(".") if p.isdigit())
+
+    def log_text(self) -> str | None:
+        """The whole server log, when the test started the server (None for COMFYUI_URL)."""
+        if not self.log_path or not os.path.exists(self.log_path):
+            return None
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
 
     # --- files and memory -------------------------------------------------------------------------------------
 

@@ -28,8 +28,13 @@ def encode(clip_nodes: dict, prefix: str, text: str = "a photo of a red fox in t
 
 
 def convert(model: str, output_name: str, num_iter: int = 0, t5xxl: bool = False, overwrite: bool = True,
-            node_id: str = "0", scaled_fp8_marker: bool = False) -> dict:
+            node_id: str = "0") -> dict:
     return {node_id: {"class_type": "ScaledFP16Convert", "inputs": {
         "model": model, "num_iter": num_iter, "top_k": 1, "calib_samples": 3072, "t5xxl": t5xxl,
-        "keep_distillation": False, "output_name": output_name, "overwrite": overwrite,
-        "scaled_fp8_marker": scaled_fp8_marker}}}
+        "keep_distillation": False, "output_name": output_name, "overwrite": overwrite}}}
+
+
+def save_model(model_link: list, output_name: str, node_id: str = "30") -> dict:
+    return {node_id: {"class_type": "ScaledFP16SaveModel", "inputs": {
+        "model": model_link, "num_iter": 0, "top_k": 1, "calib_samples": 3072, "t5xxl": False,
+        "keep_distillation": False, "output_name": output_name, "overwrite": True}}}

@@ -6,6 +6,9 @@ them a scale other than 1: that is where a loader that ignores `scale_weight` go
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import torch
 
 from quant_core.demo import flux_specs, t5_specs
@@ -95,3 +98,42 @@ def write_flux_lora(path: str, rank: int = 4) -> str:
     from safetensors.torch import save_file
     save_file(tensors, path)
     return path
+
+
+# Run by the ComfyUI host's own Python: every Linear weight quantized to fp8 by ComfyUI's own quantization code
+# (comfy.quant_ops, comfy-kitchen layouts) and stored in ComfyUI's checkpoint format (QUANTIZATION.md): the layout's
+# own state-dict tensors (`weight`, `weight_scale`) and `_quantization_metadata` naming each layer's format.
+_HOST_FP8_SCRIPT = r"""
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+from comfy.quant_ops import QuantizedTensor
+src, dst, dst_values = sys.argv[1:4]
+out, values, layers = {}, {}, {}
+for key, t in load_file(src).items():
+    if key.endswith(".weight") and t.ndim == 2:  # FLUX: every 2-D weight belongs to a Linear layer
+        # from float32, so that dequantize() gives the exact products fp8 value x scale, as ComfyUI computes them
+        # on the CPU (in bf16 they would be rounded to bf16)
+        q = QuantizedTensor.from_float(t.float(), "TensorCoreFP8E4M3Layout", scale="recalculate")
+        out.update(q.state_dict(key))
+        values[key] = q.dequantize()
+        layers[key[: -len(".weight")]] = {"format": "float8_e4m3fn"}
+    else:
+        out[key] = values[key] = t
+meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+save_file(out, dst, metadata=meta)
+save_file(values, dst_values)
+print(len(layers), "layers quantized to fp8")
+"""
+
+
+def write_fp8_with_host(comfy_dir: str, src: str, dst: str, dst_values: str) -> str:
+    """`src` quantized to fp8 by the ComfyUI host in `comfy_dir` (its .venv Python and its comfy package) into
+    `dst`; the values the fp8 weights stand for (dequantized by the host, float32) into the plain file
+    `dst_values`."""
+    python = os.path.join(comfy_dir, ".venv", "bin", "python")
+    p = subprocess.run([python, "-c", _HOST_FP8_SCRIPT, src, dst, dst_values], cwd=comfy_dir, capture_output=True,
+                       text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"fp8 quantization by the host failed:\n{p.stdout}\n{p.stderr}")
+    return dst

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from . import graphs
 from .comfy_server import PromptFailed
 from .conftest import model_dir
-from .models import write_clip_l, write_flux, write_flux_lora, write_t5_base, write_t5xxl
+from .models import write_clip_l, write_flux, write_flux_lora, write_fp8_with_host, write_t5_base, write_t5xxl
 
 NODE_TYPES = ["ScaledFP16Convert", "ScaledFP16SaveModel", "ScaledFP16SaveCLIP", "ScaledFP16UNETLoader",
               "ScaledFP16CLIPLoader", "ScaledFP16DualCLIPLoader", "ScaledFP16CheckpointLoader"]
@@ -88,30 +88,84 @@ def test_flux_convert_load_sample_matches_stock(comfy, flux_file):
     assert ours.isfinite().all() and err < FP16_TOLERANCE
 
 
-def test_stock_loader_and_scaled_fp8_marker(comfy, flux_file):
-    """The stock-loader question: a scaled_fp16 file in the stock UNETLoader runs unscaled (wrong where a scale is not
-    1); converted with `scaled_fp8_marker` (ComfyUI's own marker, dtype float16) the stock loader applies the scales."""
-    if not os.path.exists(comfy.path("output", "diffusion_models", "flux-e2e-scaled.safetensors")):
-        comfy.run(graphs.convert(f"diffusion_models/{flux_file}", "flux-e2e-scaled"))
-    comfy.run(graphs.convert(f"diffusion_models/{flux_file}", "flux-e2e-scaled-fp8marker", scaled_fp8_marker=True))
-    stored = load_file(comfy.path("output", "diffusion_models", "flux-e2e-scaled-fp8marker.safetensors"))
-    marker = stored["scaled_fp8"]
-    assert marker.dtype == torch.float16 and "scaled_fp16" in stored
-    del stored
+def _stock_flux(comfy, flux_file):
+    """The reference latent: the stock UNETLoader on the original file."""
     if not os.path.exists(comfy.path("output", "flux_stock.safetensors")):
-        comfy.run(graphs.flux_sample({"1": {"class_type": "UNETLoader", "inputs": {
-            "unet_name": flux_file, "weight_dtype": "default"}}}, "flux_stock"))
-    results = {}
-    for name in ("flux-e2e-scaled", "flux-e2e-scaled-fp8marker"):
         comfy.free()
         comfy.run(graphs.flux_sample({"1": {"class_type": "UNETLoader", "inputs": {
-            "unet_name": name + ".safetensors", "weight_dtype": "default"}}}, f"stock_{name}"))
-        results[name] = rel(saved(comfy, f"stock_{name}")["latent"], saved(comfy, "flux_stock")["latent"])
+            "unet_name": flux_file, "weight_dtype": "default"}}}, "flux_stock"))
+    return saved(comfy, "flux_stock")["latent"]
+
+
+def _scaled_flux(comfy, flux_file) -> str:
+    name = "flux-e2e-scaled"
+    if not os.path.exists(comfy.path("output", "diffusion_models", name + ".safetensors")):
+        comfy.run(graphs.convert(f"diffusion_models/{flux_file}", name))
+    return name
+
+
+def test_stock_loaders_and_the_legacy_scaled_fp8_marker(comfy, flux_file):
+    """What stock loaders make of our files. A scaled_fp16 file runs unscaled (wrong where a scale is not 1). A file
+    that also carries ComfyUI's `scaled_fp8` marker (dtype float16: what the former `scaled_fp8_marker` option
+    wrote) was read right by ComfyUI 0.3.x and is cast to fp8 by 0.8.0 and later, which is why the option is gone;
+    our loader reads such a file right on both and says once what the stock loaders do with it."""
+    name = _scaled_flux(comfy, flux_file)
+    folder = comfy.path("output", "diffusion_models")
+    stored = load_file(os.path.join(folder, name + ".safetensors"))
+    assert "scaled_fp8" not in stored  # the converter never writes it any more
+    stored["scaled_fp8"] = torch.zeros(2, dtype=torch.float16)
+    legacy = "flux-e2e-legacy-fp8marker"
+    from safetensors.torch import save_file
+    save_file(stored, os.path.join(folder, legacy + ".safetensors"))
+    del stored
+    ref = _stock_flux(comfy, flux_file)
+    results = {}
+    for label, loader, file in (("stock, scaled_fp16", "UNETLoader", name),
+                                ("stock, legacy + scaled_fp8", "UNETLoader", legacy),
+                                ("ours, legacy + scaled_fp8", "ScaledFP16UNETLoader", legacy)):
+        comfy.free()
+        out = "legacy_" + label.replace(", ", "_").replace(" + ", "_").replace(" ", "_")
+        comfy.run(graphs.flux_sample({"1": {"class_type": loader, "inputs": {
+            "unet_name": file + ".safetensors", "weight_dtype": "default"}}}, out))
+        results[label] = rel(saved(comfy, out)["latent"], ref)
     comfy.free()
-    print(f"\nstock UNETLoader vs stock on original: scaled_fp16 file {results['flux-e2e-scaled']:.3e}, "
-          f"with scaled_fp8 marker (F16, shape {list(marker.shape)}) {results['flux-e2e-scaled-fp8marker']:.3e}")
-    assert results["flux-e2e-scaled"] > 1e-2  # the test model has scaled tensors: unscaled weights are wrong
-    assert results["flux-e2e-scaled-fp8marker"] < FP16_TOLERANCE
+    version = comfy.version()
+    print(f"\nComfyUI {'.'.join(map(str, version))}: rel L2 vs stock UNETLoader on the original: "
+          + ", ".join(f"{k} {v:.3e}" for k, v in results.items()))
+    assert results["stock, scaled_fp16"] > 1e-2  # the test model has scaled tensors: unscaled weights are wrong
+    assert results["ours, legacy + scaled_fp8"] < FP16_TOLERANCE
+    if version >= (0, 8, 0):
+        assert results["stock, legacy + scaled_fp8"] > 1e-2  # cast to fp8: the trap the option became
+    else:
+        assert results["stock, legacy + scaled_fp8"] < FP16_TOLERANCE
+    log = comfy.log_text()
+    if log is not None:  # our loader said once what stock loaders do with the file
+        assert log.count(f"{legacy}.safetensors carries a 'scaled_fp8' marker") == 1, comfy.log_tail()
+
+
+def test_scale_applied_at_load_or_at_run_time_samples_alike(comfy, flux_file):
+    """Our loader's `apply_scale`: the scaled tensors of the test model (one tiny, one beyond fp16's range) do not
+    fit fp16 once scaled, so by default they stay fp16 with the scale applied at run time; every way samples like the
+    stock loader on the original file."""
+    name = _scaled_flux(comfy, flux_file)
+    ref = _stock_flux(comfy, flux_file)
+    latents = {}
+    for mode in ("auto", "at load", "at run time"):
+        comfy.free()
+        out = "scale_" + mode.replace(" ", "_")
+        comfy.run(graphs.flux_sample({"1": {"class_type": "ScaledFP16UNETLoader", "inputs": {
+            "unet_name": name + ".safetensors", "weight_dtype": "default", "apply_scale": mode}}}, out))
+        latents[mode] = saved(comfy, out)["latent"]
+    comfy.free()
+    errs = {mode: rel(lat, ref) for mode, lat in latents.items()}
+    between = rel(latents["at run time"], latents["at load"])
+    print("\napply_scale: rel L2 vs stock on the original: " + ", ".join(f"{m} {e:.3e}" for m, e in errs.items())
+          + f"; run time vs at load {between:.3e}")
+    assert all(e < FP16_TOLERANCE for e in errs.values()) and between < FP16_TOLERANCE
+    log = comfy.log_text()
+    if log is not None:
+        assert f"{name}.safetensors: 2 weights stay fp16 with their scale applied at run time" in log, \
+            comfy.log_tail()
 
 
 def test_t5_convert_t5xxl_mode_encode_matches_stock(comfy, t5_file):
@@ -170,6 +224,61 @@ def test_save_model_with_lora_matches_stock_lora(comfy, flux_file):
     assert err < 2 ** -9
     if plain is not None:
         assert rel(ref, plain) > 10 * err  # the LoRA was really applied
+
+
+def test_save_model_on_host_quantized_fp8_model(comfy, flux_file):
+    """ComfyUI 0.8.0 holds the weights of quantized files as comfy-kitchen QuantizedTensors. A model quantized to fp8
+    by the host's own code, loaded by the stock UNETLoader (with and without a LoRA) -> Save Model as Scaled FP16 ->
+    our loader -> sample. References: the stock loader on the fp8 file; with the LoRA, the stock loader and the same
+    LoRA on a plain float32 file of the values the fp8 weights stand for (ComfyUI re-quantizes a LoRA-patched fp8
+    weight to fp8, which the saved file does not)."""
+    if comfy.comfy_dir is None:
+        pytest.skip("needs COMFYUI_DIR: the host's own Python quantizes the model")
+    if comfy.version() < (0, 8, 0):
+        pytest.skip(f"ComfyUI {'.'.join(map(str, comfy.version()))} has no QuantizedTensor weights (0.8.0 and later)")
+    folder = model_dir(comfy, "diffusion_models")
+    fp8 = os.path.join(folder, "flux-e2e-fp8.safetensors")
+    values = os.path.join(folder, "flux-e2e-fp8-values.safetensors")
+    if not os.path.exists(fp8):
+        write_fp8_with_host(comfy.comfy_dir, os.path.join(folder, flux_file), fp8, values)
+    lora = os.path.join(model_dir(comfy, "loras"), "flux-e2e-lora.safetensors")
+    if not os.path.exists(lora):
+        write_flux_lora(lora)
+
+    def stock(name):
+        return {"class_type": "UNETLoader", "inputs": {"unet_name": os.path.basename(name), "weight_dtype": "default"}}
+
+    def with_lora(name):
+        return {"2": stock(name), "1": {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["2", 0], "lora_name": os.path.basename(lora), "strength_model": 1.0}}}
+
+    for tag, graph in (("fp8", {"1": stock(fp8)}), ("fp8_LoRA", with_lora(fp8))):
+        comfy.free()
+        entry = comfy.run({**graphs.flux_sample(graph, f"{tag}_stock"),
+                           **graphs.save_model(["1", 0], f"flux-e2e-{tag}-saved")})
+        assert entry["outputs"]["30"]["fp16lr_report"][0]["output_name"] == f"flux-e2e-{tag}-saved.safetensors"
+        stored = load_file(comfy.path("output", "diffusion_models", f"flux-e2e-{tag}-saved.safetensors"))
+        assert not [k for k in stored if k.endswith(("weight_scale", "comfy_quant"))]  # no quantization leftovers
+        assert stored["img_in.weight"].dtype == torch.float16
+        del stored
+        comfy.free()
+        comfy.run(graphs.flux_sample({"1": {"class_type": "ScaledFP16UNETLoader", "inputs": {
+            "unet_name": f"flux-e2e-{tag}-saved.safetensors", "weight_dtype": "default"}}}, f"{tag}_ours"))
+    comfy.free()
+    comfy.run(graphs.flux_sample(with_lora(values), "fp8_values_LoRA_stock"))
+    comfy.free()
+    lat = {k: saved(comfy, k)["latent"] for k in ("fp8_stock", "fp8_ours", "fp8_LoRA_stock", "fp8_LoRA_ours",
+                                                  "fp8_values_LoRA_stock")}
+    err = rel(lat["fp8_ours"], lat["fp8_stock"])
+    err_lora = rel(lat["fp8_LoRA_ours"], lat["fp8_values_LoRA_stock"])
+    requant = rel(lat["fp8_LoRA_stock"], lat["fp8_values_LoRA_stock"])
+    lora_effect = rel(lat["fp8_LoRA_stock"], lat["fp8_stock"])
+    print(f"\nSave Model on a host-quantized fp8 model (QuantizedTensor weights): ours vs stock on the fp8 file "
+          f"{err:.3e}; with a LoRA, ours vs stock+LoRA on the fp8 values {err_lora:.3e} (stock+LoRA on the fp8 file, "
+          f"which re-quantizes patched weights to fp8: {requant:.3e}; the LoRA moves the latent by {lora_effect:.3e})")
+    # the fp8 values times their per-tensor scale are float32 values that fp16 rounds, as for a LoRA-patched weight
+    assert err < 2 ** -9 and err_lora < 2 ** -9
+    assert lora_effect > 10 * err_lora
 
 
 def test_save_clip_matches_stock(comfy, t5_file):
@@ -311,3 +420,85 @@ def test_full_size_t5xxl_through_dual_loader(comfy):
         os.unlink(comfy.path("output", "clip", "t5xxl-full-scaled.safetensors"))
     # ComfyUI computes the BF16 original's T5 in bf16 and the fp16 file's in fp16: a few 1e-4 apart
     assert ours.isfinite().all() and err < 2 ** -10
+
+
+@pytest.mark.skipif(os.environ.get("FP16LR_E2E_SCALE_RSS") != "1",
+                    reason="set FP16LR_E2E_SCALE_RSS=1 (writes two ~4.2 GB models, ~14 GB RAM per server, minutes)")
+def test_rss_of_runtime_scales_vs_stock_fp16(tmp_path_factory):
+    """Once, outside CI: a >= 4 GB `--scale pow2` file made from FP32 weights (FLUX architecture, 4 double + 5 single
+    blocks, ~2.1e9 parameters): peak RSS of a fresh server that loads it with our loader and samples one step,
+    against the stock UNETLoader on an fp16 file of the same weights. By default our loader keeps the weights fp16
+    with the scales applied at run time; FP16LR_E2E_SCALE_RSS_AT_LOAD=1 adds the dequantize-at-load way (more RAM)."""
+    import zlib
+
+    from quant_core import ConvertOptions, convert
+    from quant_core.demo import flux_specs
+    from quant_core.safetensors_io import StreamingWriter
+    from quant_core.sources import StateDictSource
+
+    from .comfy_server import ComfyServer
+    from .models import _value
+
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        pytest.skip("needs COMFYUI_DIR: each measurement starts its own server")
+    base = str(tmp_path_factory.mktemp("comfy-rss"))
+    folder = os.path.join(base, "models", "diffusion_models")
+    os.makedirs(folder)
+    os.makedirs(os.path.join(base, "output"))
+    specs = flux_specs(hidden=3072, double_blocks=4, single_blocks=5)
+
+    def weight(key, shape):  # the same FP32 values for both files, made on demand (no FP32 file on disk)
+        return _value(key, shape, torch.Generator().manual_seed(zlib.crc32(key.encode())), 1.0)
+
+    with StreamingWriter(os.path.join(folder, "flux-rss-fp16.safetensors"),
+                         [(k, "F16", tuple(s)) for k, s in specs], overwrite=True) as w:
+        for key, shape in specs:
+            w.write(key, weight(key, shape).to(torch.float16))
+        w.commit()
+    shapes = dict(specs)
+    source = StateDictSource("flux-rss-fp32 (in memory)", {k: (torch.float32, tuple(s)) for k, s in specs},
+                             lambda key: weight(key, shapes[key]))
+    pow2 = os.path.join(folder, "flux-rss-pow2.safetensors")
+    convert(source, pow2, ConvertOptions(num_iter=0, scale="pow2", device="cpu", overwrite=True))
+    gib = 2 ** 30
+    print(f"\nfp16 file {os.path.getsize(os.path.join(folder, 'flux-rss-fp16.safetensors')) / 1e9:.2f} GB, "
+          f"pow2 file {os.path.getsize(pow2) / 1e9:.2f} GB")
+
+    runs = [("stock UNETLoader, fp16 file", "UNETLoader", "flux-rss-fp16", {}),
+            ("ours, pow2 file, apply_scale auto", "ScaledFP16UNETLoader", "flux-rss-pow2", {"apply_scale": "auto"})]
+    if os.environ.get("FP16LR_E2E_SCALE_RSS_AT_LOAD") == "1":
+        runs.append(("ours, pow2 file, apply_scale at load", "ScaledFP16UNETLoader", "flux-rss-pow2",
+                     {"apply_scale": "at load"}))
+    peaks, latents = {}, {}
+    for label, loader, name, extra in runs:
+        server = ComfyServer.start(comfy_dir, base)
+        try:
+            time.sleep(2)
+            before = server.memory()
+            server.reset_peak_memory()
+            t = time.time()
+            out = "rss_" + name + "_" + loader
+            server.run(graphs.flux_sample({"1": {"class_type": loader, "inputs": {
+                "unet_name": name + ".safetensors", "weight_dtype": "default", **extra}}}, out, steps=1))
+            after = server.memory()
+            peaks[label] = after["VmHWM"]
+            latents[label] = load_file(os.path.join(base, "output", out + ".safetensors"))["latent"]
+            print(f"{label}: load + 1 step {time.time() - t:.0f} s; RSS {before['VmRSS'] / gib:.2f} GiB -> peak "
+                  f"{after['VmHWM'] / gib:.2f} GiB, after {after['VmRSS'] / gib:.2f} GiB "
+                  f"(anon {after['RssAnon'] / gib:.2f})")
+        finally:
+            server.stop()
+    stock, ours = peaks[runs[0][0]], peaks[runs[1][0]]
+    print(f"peak RSS ours / stock: {ours / stock:.3f}")
+    ref = latents[runs[0][0]]
+    for label, lat in latents.items():
+        print(f"{label}: rel L2 vs stock on the fp16 file {rel(lat, ref):.3e}")
+    if len(runs) == 3:
+        print(f"run time vs at load: rel L2 {rel(latents[runs[1][0]], latents[runs[2][0]]):.3e}")
+        assert rel(latents[runs[1][0]], latents[runs[2][0]]) < FP16_TOLERANCE
+    if os.environ.get("FP16LR_KEEP_E2E") != "1":
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+    assert ours <= 1.10 * stock
+    assert rel(latents[runs[1][0]], ref) < FP16_TOLERANCE  # the pow2 file holds the FP32 weights better than fp16
