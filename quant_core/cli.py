@@ -11,7 +11,6 @@ import argparse
 import os
 import signal
 import sys
-import tempfile
 import threading
 
 from tqdm import tqdm
@@ -19,9 +18,11 @@ from tqdm import tqdm
 from . import __version__
 from .convert import ConvertOptions, convert_file
 from .errors import Cancelled, ConversionError, safe_text
-from .format import FP8_MARKER_REMOVED, strip_fp8_marker
+from .format import FP8_MARKER_REMOVED, default_output_path, strip_fp8_marker
 from .report import format_summary
 from .scaling import POLICIES
+
+DEMO_FOLDER = "scaled-fp16-demo"  # --demo works in ./scaled-fp16-demo/
 
 # Ctrl-C, `kill`/`docker stop` and a closed terminal all cancel the same way: the handler only records the signal;
 # the conversion sees it at its next check (between tensors and inside long loops), removes its temporary files and
@@ -69,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "norms/biases/embeddings, add scale_input, marker of shape [0]")
     p.add_argument("--keep_distillation", action="store_true", help="keep FLUX distilled_guidance_layer, "
                    "final_layer, img_in, txt_in in their source dtype (scale_weight 1)")
-    p.add_argument("--num_iter", type=int, default=256, help="refinement budget of the learned rounding; "
-                   "0 = plain round-to-nearest (default 256)")
+    p.add_argument("--num_iter", type=int, default=256, help="refinement budget of the learned rounding "
+                   "(default 256, the reference's iteration count); 0 = plain round-to-nearest. The search uses at "
+                   "most 4 passes (calibrated: 3), so any value from 4 on gives the same file; the report's "
+                   "passes_used says how many a tensor took")
     p.add_argument("--top_k", type=int, default=1, help="principal directions whose error the rounding "
                    "minimizes (default 1)")
     p.add_argument("--calib_samples", type=int, default=3072, help="synthetic random rows of the out(randn) "
@@ -86,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE.json", help="write the full per-tensor report as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("--demo", action="store_true", help="build a small FLUX-shaped model in a temp folder and "
-                   "convert it (no download)")
+    p.add_argument("--demo", action="store_true", help="build a small FLUX-shaped model (BF16 and FP32) in "
+                   f"./{DEMO_FOLDER}/ and convert both (no download); the files stay there")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -180,32 +183,47 @@ def _convert(args, src: str, dst: str | None, report_path: str | None = None) ->
     for t in report.get("lossy", []):
         print(safe_text(f"warning: tensor '{t['key']}' is materially lossy ({t['reason']})"), file=sys.stderr)
     if not args.quiet:
-        print(safe_text(f"wrote {dst or report['output']}"))
+        print(safe_text(f"wrote {os.path.abspath(dst) if dst else default_output_path(src, args.keep_distillation)}"))
         print(safe_text(format_summary(report), keep_newlines=True))
     return 0
 
 
 def _demo(args) -> int:
     """Convert a small FLUX-shaped model twice: in BF16, as FLUX ships (exact in fp16: nothing to learn), and in FP32,
-    as a training checkpoint would be (where the learned rounding has work to do)."""
+    as a training checkpoint would be (where the learned rounding has work to do). Everything stays in
+    ./scaled-fp16-demo/ (made if missing; the demo's own files in it are replaced on a rerun)."""
+    import argparse as _argparse
+
     import torch
 
     from .demo import demo_flux
 
-    with tempfile.TemporaryDirectory(prefix="scaled-fp16-demo-") as folder:
-        for dtype, what, output, report in ((torch.bfloat16, "BF16, as FLUX ships", args.output, args.report),
-                                            (torch.float32, "FP32, as a training checkpoint would be", None, None)):
-            src = demo_flux(folder, dtype)
-            if not args.quiet:
-                print(f"\ndemo: built a small FLUX-shaped model ({what}): {os.path.basename(src)} "
-                      f"({os.path.getsize(src) / 1e6:.1f} MB)")
-            rc = _convert(args, src, output, report)
-            if rc != 0:
-                return rc
+    folder = os.path.abspath(DEMO_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    if not args.quiet:
+        print(f"demo: working in {folder}")
+    outputs = []
+    for dtype, what, output in ((torch.bfloat16, "BF16, as FLUX ships", args.output),
+                                (torch.float32, "FP32, as a training checkpoint would be", None)):
+        src = demo_flux(folder, dtype)
         if not args.quiet:
-            kept = f"the BF16 result is at {args.output}; " if args.output else ""
-            print(f"\ndemo: done ({kept}the temp folder and everything in it are removed now)")
-        return 0
+            print(f"\ndemo: built a small FLUX-shaped model ({what}): {src} ({os.path.getsize(src) / 1e6:.1f} MB)")
+        # the demo replaces its own outputs in its own folder; a --output elsewhere follows --overwrite
+        run = _argparse.Namespace(**vars(args))
+        run.overwrite = args.overwrite or output is None
+        rc = _convert(run, src, output, args.report if dtype == torch.bfloat16 else None)
+        if rc != 0:
+            return rc
+        outputs.append(output or default_output_path(src, args.keep_distillation))
+    if not args.quiet:
+        print("\ndemo: done. Files (source models and their scaled-FP16 versions) are kept in " + folder)
+        for path in outputs:
+            print(f"next: look at {path}")
+        print("next: in ComfyUI, put a converted file into ComfyUI/models/diffusion_models/ and load it with "
+              "'Load Diffusion Model (Scaled FP16)' (these demo weights are random: they load, they draw nothing)")
+        print("next: convert your own model: python -m quant_core --input path/to/model.safetensors "
+              "(or the 'Convert to Scaled FP16' node); the terms in the summary are explained in README.md, Glossary")
+    return 0
 
 
 def _strip_fp8_marker(argv: list[str]) -> int:

@@ -1,7 +1,8 @@
 """The conversion report: totals across tensors, the worst tensors, and per-tensor figures.
 
 Overall errors are energy-weighted: rel_error = sqrt(sum ||Q-W||^2) / sqrt(sum ||W||^2) over quantized weights,
-beside the same figure for plain round-to-nearest (RTN).
+beside the same figure for plain round-to-nearest (RTN). One large tensor can dominate that total, so the median and
+the worst per-tensor figure stand beside it (`rel_error_per_tensor`). `headline` says the result in words.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import os
 
 WORST_N = 5
+MAX_PASSES = 4  # the learned rounding's pass limit (rounding.MAX_PASSES; num_iter beyond it changes nothing)
 _INTERNAL = ("err_sq", "rtn_err_sq", "w_sq", "sq_exp")
 
 
@@ -25,7 +27,9 @@ class Summary:
         self._bf16_exact = self._bf16_n = 0.0
         self._changed = self._n = 0.0
         self.biases_corrected = 0
-        self._topk: list[float] = []           # top-k error ratio of tensors the default mode worked on
+        self._topk: list[float] = []           # top-k error ratio (checked basis) of tensors the default mode changed
+        self._topk_withheld: list[str] = []    # why the default mode left a tensor at RTN (no figure it can stand by)
+        self._passes_max = 0                   # most search passes any tensor used
         self._out: list[float] = []            # output error ratio (calibrated mode)
         self._out_bias: list[float] = []       # the same with the corrected bias
         self._out_eval: list[float] = []       # the same on the file's eval-text statistics
@@ -47,8 +51,11 @@ class Summary:
                                "flushed_to_zero": m["flushed_to_zero"], "reason": m["lossy"]})
         self._changed += m["changed_vs_rtn"] * m["numel"]
         self._n += m["numel"]
-        if m.get("method") == "topk" and m.get("iterations", 0) > 0:
+        if m.get("method") == "topk" and m.get("iterations", 0) > 0 and m.get("topk_ratio") is not None:
             self._topk.append(m["topk_ratio"])
+        if str(m.get("topk_check", "")).startswith("withheld"):
+            self._topk_withheld.append(m["topk_check"])
+        self._passes_max = max(self._passes_max, int(m.get("passes_used", 0)))
         if "output_error_ratio" in m:
             self._out.append(m["output_error_ratio"])
             self._out_on.add(m.get("output_error_on", "calibration"))
@@ -94,7 +101,9 @@ class Summary:
         rel = (self._e / self._w) ** 0.5 if self._w > 0 else 0.0
         rtn = (self._r / self._w) ** 0.5 if self._w > 0 else 0.0
         worst = sorted(self.tensors, key=lambda t: t["rel_error"], reverse=True)[:WORST_N]
-        return {
+        per_tensor = sorted(t["rel_error"] for t in self.tensors)
+        topk_sorted = sorted(self._topk)
+        report = {
             "format": "scaled_fp16",
             "source": os.path.basename(self.source),
             "output": os.path.basename(self.output),
@@ -105,6 +114,11 @@ class Summary:
             "rel_error": rel,
             "rtn_rel_error": rtn,
             "error_ratio": rel / rtn if rtn > 0 else 1.0,
+            "rel_error_per_tensor": {
+                "median": _median(per_tensor),
+                "worst": worst[0]["rel_error"] if worst else None,
+                "worst_key": worst[0]["key"] if worst else None,
+            },
             "changed_vs_rtn": self._changed / self._n if self._n else 0.0,
             "bit_exact_fraction_bf16": self._bf16_exact / self._bf16_n if self._bf16_n else None,
             "biases_corrected": self.biases_corrected,
@@ -112,6 +126,12 @@ class Summary:
             "learned": {
                 "topk_tensors": len(self._topk),
                 "topk_ratio_mean": _mean(self._topk),
+                "topk_ratio_median": _median(topk_sorted),
+                "topk_ratio_worst": topk_sorted[-1] if topk_sorted else None,
+                # left at RTN: no usable spectral gap, or the checked figure did not improve (reasons per tensor)
+                "topk_withheld": len(self._topk_withheld),
+                "topk_withheld_example": self._topk_withheld[0] if self._topk_withheld else None,
+                "passes_used_max": self._passes_max,
                 "calibrated_tensors": len(self._out),
                 "output_error_ratio_mean": _mean(self._out),
                 "output_error_ratio_bias_corrected_mean": _mean(self._out_bias),
@@ -129,10 +149,47 @@ class Summary:
             "seconds": seconds,
             "tensors": self.tensors,
         }
+        report["headline"] = headline(report)
+        return report
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _median(ordered: list[float]) -> float | None:
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _change(ratio: float) -> str:
+    """A ratio to a plain cast in words: 'same' within 0.1 %, else 'N % lower' / 'N % higher'."""
+    if abs(ratio - 1.0) < 1e-3:
+        return "same"
+    if ratio < 0.005:
+        return "more than 99.5 % lower"
+    pct = abs(ratio - 1.0) * 100
+    digits = 0 if pct >= 10 else 1
+    return f"{pct:.{digits}f} % {'lower' if ratio < 1 else 'higher'}"
+
+
+def headline(report: dict) -> str:
+    """The result in one line of words, for people who know ComfyUI but not this project."""
+    line = "stored as fp16 with per-tensor power-of-two scales; error vs plain fp16 cast: "
+    line += _change(report["error_ratio"])
+    learned = report["learned"]
+    if learned.get("calibrated_tensors") and learned.get("output_error_ratio_mean") is not None:
+        line += f"; layer output error on calibration text: {_change(learned['output_error_ratio_mean'])}"
+    elif learned.get("topk_tensors") and learned.get("topk_ratio_median") is not None:
+        k = report["settings"].get("top_k", 1)
+        line += (f"; along each weight's top-{k} principal direction{'s' if k > 1 else ''}: "
+                 f"{_change(learned['topk_ratio_median'])} (median of {learned['topk_tensors']} checked tensors)")
+    elif report["settings"].get("num_iter", 0) > 0 and not learned.get("calibrated_tensors"):
+        line += " (nothing for the learned rounding to improve)" if not learned.get("topk_withheld") else \
+            " (learned rounding left every weight as the plain cast: no figure it could check)"
+    return line
 
 
 def compact(report: dict) -> dict:
@@ -143,6 +200,11 @@ def compact(report: dict) -> dict:
     # per tensor, the top-k error ratio where the default mode worked on the tensor (None elsewhere)
     out["topk_ratios"] = [t.get("topk_ratio") if t.get("method") == "topk" and t.get("iterations", 0) > 0 else None
                           for t in report["tensors"]]
+    # per tensor (aligned with `ratios`): how the top-k figure was checked (or why it is withheld), the spectral
+    # gap sigma_k / sigma_k+1 it relied on, and the search passes used (None where the default mode did not run)
+    out["topk_checks"] = [t.get("topk_check") for t in report["tensors"]]
+    out["spectral_gaps"] = [t.get("spectral_gap") for t in report["tensors"]]
+    out["passes_used"] = [t.get("passes_used") for t in report["tensors"]]
     return out
 
 
@@ -210,24 +272,41 @@ def _calibrated_line(learned: dict) -> str:
 
 
 def format_summary(report: dict) -> str:
-    """A few lines for the terminal."""
+    """A few lines for the terminal: the headline in words, then the figures (terms: README, "Glossary")."""
     c = report["counts"]
+    per = report.get("rel_error_per_tensor") or {}
     lines = [
+        report.get("headline") or headline(report),
         f"tensors: {c['quantized']} quantized, {c['kept']} kept, {c['removed']} removed",
         f"size: {_mb(report['bytes_in'])} -> {_mb(report['bytes_out'])} in {report['seconds']:.1f} s",
-        f"error: relF {report['rel_error']:.3e} vs round-to-nearest {report['rtn_rel_error']:.3e} "
+        f"error (relF): {report['rel_error']:.3e} over all weights vs {report['rtn_rel_error']:.3e} for RTN "
         f"(ratio {report['error_ratio']:.4f}); {report['changed_vs_rtn'] * 100:.2f}% of elements differ from RTN",
     ]
+    if per.get("median") is not None:
+        lines.append(f"error per tensor (relF): median {per['median']:.3e}, worst {per['worst']:.3e} "
+                     f"({per['worst_key']})")
     if report["bit_exact_fraction_bf16"] is not None:
         lines.append(f"bf16 sources: {report['bit_exact_fraction_bf16'] * 100:.4f}% of elements bit-exact")
     learned = report["learned"]
+    k = report["settings"].get("top_k", 1)
     if learned["topk_tensors"]:
-        k = report["settings"].get("top_k", 1)
-        lines.append(f"learned rounding: error along the top-{k} principal directions "
-                     f"{learned['topk_ratio_mean']:.3g}x RTN's (mean over {learned['topk_tensors']} tensors)")
-    elif not learned["calibrated_tensors"] and report["settings"].get("num_iter", 0) > 0:
+        lines.append(f"learned rounding: error along the top-{k} principal direction{'s' if k > 1 else ''} "
+                     f"{learned['topk_ratio_median']:.3g}x RTN's (median; mean {learned['topk_ratio_mean']:.3g}x, "
+                     f"worst {learned['topk_ratio_worst']:.3g}x over {learned['topk_tensors']} tensors, each "
+                     "checked in a basis the search did not use)")
+        lines.append(f"  both figures hold together: the search moves few elements, chosen so that their errors "
+                     f"cancel along those directions, and lets the overall error (relF) rise by at most ~0.5 % "
+                     f"(here ratio {report['error_ratio']:.4f})")
+    elif not learned["calibrated_tensors"] and report["settings"].get("num_iter", 0) > 0 \
+            and not learned.get("topk_withheld"):
         lines.append("learned rounding: nothing to improve (every weight is exact in fp16 or its round-to-nearest "
                      "error is negligible, as for BF16 weights)")
+    if learned.get("topk_withheld"):
+        lines.append(f"learned rounding withheld on {learned['topk_withheld']} tensors (stored as RTN), e.g. "
+                     f"{learned['topk_withheld_example']}")
+    if learned.get("topk_tensors") or learned.get("topk_withheld"):
+        lines.append(f"search passes used: at most {learned.get('passes_used_max', 0)} per tensor "
+                     f"(num_iter {report['settings'].get('num_iter')}; above {MAX_PASSES} it changes nothing)")
     if learned["calibrated_tensors"] or learned.get("calibrated_fallbacks"):
         lines.append(_calibrated_line(learned))
     if learned.get("out_randn_tensors") or learned.get("out_randn_skipped"):

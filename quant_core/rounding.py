@@ -45,6 +45,13 @@ USE_CUDA_GRAPHS = os.environ.get("QUANT_CORE_CUDA_GRAPHS", "1") != "0"  # see _D
 GRAPH_BUCKETS_PER_OCTAVE = 8  # candidate pools are padded to one of this many sizes per octave
 SMALL_EIGH_ON_CPU = False  # True: small eigen-decompositions on the CPU even when W is on a GPU (see _eigh_small)
 EXACT_BASIS_DIM = 512    # up to this short side the exact basis (eigh of the small Gram matrix) is used
+# the independent check of the top-k figure (see `_check_basis`): a basis the search did not use
+CHECK_EXACT_DIM = 512    # up to this short side: an exact float64 SVD (LAPACK / cuSOLVER), else block Krylov:
+CHECK_ITERS = 16         # ... steps, twice the search's,
+CHECK_SEED = 7919        # ... from a start block of its own seed,
+CHECK_CONVERGED = 1e-3   # ... counted as converged when its residual bound on sin(angle) to the true top-k pair is
+                         # at most this (float64 Krylov with its 1e-10 Gram cut reaches ~1e-5 relative residuals)
+FIGURE_UNCERTAIN = 0.05  # ... and the figure it gives must be pinned down to this (absolute, on the ratio)
 NEGLIGIBLE_REL = 2.0 ** -20  # RTN relF below this (e.g. BF16 at scale 1: only subnormals inexact): keep RTN
 # The gain/cost ratio is binned by its float64 bit pattern: sign-free exponent plus the top 5 mantissa bits, i.e.
 # 32 bins per octave, monotone in the ratio, covering every positive float64 (no log needed).
@@ -125,7 +132,8 @@ def rtn_is_final(shape: tuple[int, ...], rtn_rel_error: float, *, top_k: int, nu
 
 
 def _nothing_to_move(k: int) -> dict:
-    return {"method": "topk", "top_k": k, "iterations": 0, "topk_ratio": 1.0, "flips": 0, "extra_frobenius": 0.0}
+    return {"method": "topk", "top_k": k, "iterations": 0, "passes_used": 0, "topk_ratio": 1.0, "flips": 0,
+            "extra_frobenius": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,7 +180,6 @@ def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: in
     devices agree; the start block comes from a seeded CPU generator.
     """
     m, n = w2.shape
-    dev = w2.device
     if min(m, n) <= EXACT_BASIS_DIM:
         # small: the exact SVD through the Gram matrix of the short side costs less than the iteration
         w64 = w2.double()
@@ -182,12 +189,23 @@ def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: in
         other = w64 @ top if tall else w64.T @ top
         u, v = (other, top) if tall else (top, other)
         return _normalize_columns(u), _normalize_columns(v)
-    p = k + OVERSAMPLE
-    key = ("krylov", m, n, p, iters, seed)
+    basis, b = _krylov_space(w2, k + OVERSAMPLE, iters, seed, graphs, "krylov")
+    ub = _top_eigvecs(b @ b.T, k)
+    return _normalize_columns(basis @ ub), _normalize_columns(b.T @ ub)
+
+
+def _krylov_space(w2: torch.Tensor, p: int, iters: int, seed: int, graphs: "_DeviceGraphs | None", tag: str,
+                  householder: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block Krylov space of `w2` [m, n] from a seeded start block of `p` vectors and `iters` steps: an orthonormal
+    basis [m, r] of it and b = basis^T W [r, n] (float64) for Rayleigh-Ritz. On a GPU captured as a CUDA graph per
+    shape under `tag` (its own buffer, so that two such spaces of one weight do not overwrite each other)."""
+    m, n = w2.shape
+    dev = w2.device
+    key = (tag, m, n, p, iters, seed)
     if graphs is not None and graphs.worth_capturing(key):
         w64 = graphs.buffer("w64", (m, n), torch.float64)
         w64.copy_(w2)
-        blocks = graphs.buffer("krylov", (m, p * (iters + 1)), torch.float64)
+        blocks = graphs.buffer(tag, (m, p * (iters + 1)), torch.float64)
         x = graphs.constant(("krylov_start", n, p, seed), lambda: _start_block(n, p, seed))
         if graphs.ensure(key, lambda: _krylov(w64, x, iters, blocks)):
             graphs.replay(key)
@@ -197,10 +215,76 @@ def principal_basis(w2: torch.Tensor, k: int, iters: int = BASIS_ITERS, seed: in
         w64 = w2.double()
         blocks = torch.empty(m, p * (iters + 1), dtype=torch.float64, device=dev)
         _krylov(w64, _start_block(n, p, seed).to(dev), iters, blocks)
-    basis = _orthonormalize(blocks)
-    b = basis.T @ w64                          # [r, n], r <= (k + OVERSAMPLE) * (iters + 1)
-    ub = _top_eigvecs(b @ b.T, k)
-    return _normalize_columns(basis @ ub), _normalize_columns(b.T @ ub)
+    # householder (the check): a Householder QR keeps every direction to rounding accuracy, so the Ritz residuals
+    # can fall to ~1e-13; the search's eigen-based step drops directions below 1e-10 of the largest (cheaper on a GPU)
+    basis = torch.linalg.qr(blocks)[0] if householder else _orthonormalize(blocks)
+    return basis, basis.T @ w64                 # [r, n], r <= p * (iters + 1)
+
+
+@dataclass
+class _Check:
+    """A top-k basis the search did not use, for the figure the report prints: `u` [m, k], `v` [n, k] (float64),
+    `gap` = sigma_k / sigma_k+1 (None where k reaches the rank), `how` (how the basis was obtained, how converged),
+    `withheld` (the reason the tensor stays at RTN, or None)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    gap: float | None
+    how: str
+    sin_bound: float = 0.0
+    withheld: str | None = None
+    search_off: float | None = None
+
+
+def _check_basis(w2: torch.Tensor, k: int, u: torch.Tensor, v: torch.Tensor, graphs: "_DeviceGraphs | None"
+                 ) -> _Check:
+    """An independent top-k basis of `w2` and whether the search's basis (`u`, `v`) agrees with it.
+
+    Up to CHECK_EXACT_DIM on the short side: the exact float64 SVD. Above: a block Krylov space from another seed
+    with twice the search's steps (Householder-orthonormalised), its convergence bounded from the residuals of the
+    Ritz pairs (sin(angle) <= ||W V - U S||_F / (s_k - s_k+1 - r_k+1), Wedin). When that bound stays above
+    CHECK_CONVERGED the weight has no spectral gap the check can resolve: the top-k direction is not pinned down and
+    the result says so (`withheld`). The figure is measured in this basis whatever the search's basis was."""
+    m, n = w2.shape
+    if min(m, n) <= CHECK_EXACT_DIM:
+        uu, sv, vh = torch.linalg.svd(w2.double(), full_matrices=False)
+        uc, vc = uu[:, :k].contiguous(), vh[:k].T.contiguous()
+        how, bound = "exact_svd", 0.0
+    else:
+        basis, b = _krylov_space(w2, k + 1 + OVERSAMPLE, CHECK_ITERS, CHECK_SEED, graphs, "krylov_check",
+                                 householder=True)
+        lam, ub = _eigh_small(b @ b.T)
+        lam, ub = lam.flip(0)[: k + 1].clamp_min(0), ub.flip(1)[:, : k + 1]
+        sv = lam.sqrt()
+        live = sv > sv[0] * 1e-12                          # a weight of rank <= k: no direction beyond its rank
+        uc = basis @ ub                                     # W^T uc = vc * sv exactly (Rayleigh-Ritz)
+        vc = torch.where(live, b.T @ ub / sv.clamp_min(1e-300), 0.0)
+        resid_sq = torch.zeros(k + 1, dtype=torch.float64, device=w2.device)
+        for r0, r1 in _row_chunks(m, n, w2.device):         # ||W v_i - s_i u_i||, float64, row chunks
+            resid_sq += ((w2[r0:r1].double() @ vc - uc[r0:r1] * sv) ** 2).sum(0)
+        resid = resid_sq.sqrt()
+        sv_l, resid_l = sv.tolist(), resid.tolist()
+        sep = sv_l[k - 1] - (sv_l[k] + resid_l[k] if k < len(sv_l) else 0.0)
+        bound = (sum(r * r for r in resid_l[:k]) ** 0.5) / sep if sep > 0 else math.inf
+        uc, vc = uc[:, :k].contiguous(), vc[:, :k].contiguous()
+        conv = f"sin(angle) <= {bound:.1e}" if math.isfinite(bound) else "not converged"
+        how = f"krylov (seed {CHECK_SEED}, {CHECK_ITERS} steps, {conv})"
+    sv_l = sv.tolist()
+    gap = sv_l[k - 1] / sv_l[k] if k < len(sv_l) and sv_l[k] > sv_l[0] * 1e-12 else None  # None: k >= rank
+    check = _Check(uc, vc, gap, how, bound)
+    gap_txt = f"sigma{k}/sigma{k + 1} = {gap:.4g}" if gap is not None else f"rank <= {k}"
+    if bound > CHECK_CONVERGED:
+        check.withheld = f"withheld: no spectral gap the check resolves ({gap_txt}, {how})"
+        return check
+    # how far the search's basis lies from the check's (reported; the figure itself is measured in the check's)
+    check.search_off = max(_sin_angle(u, uc), _sin_angle(v, vc))
+    return check
+
+
+def _sin_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sin of the largest principal angle between the spans of orthonormal columns `a` and `b` (same count)."""
+    c = torch.linalg.svdvals(a.T @ b)
+    return float((1.0 - c.min().clamp(max=1.0) ** 2).clamp_min(0.0).sqrt())
 
 
 def _start_block(n: int, p: int, seed: int) -> torch.Tensor:
@@ -367,12 +451,22 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
         return chunks.rtn(), _nothing_to_move(k)
     graphs = _device_graphs(dev)
     u, v = principal_basis(w2, k, graphs=graphs)
+    check = _check_basis(w2, k, u, v, graphs)
+    if check.withheld is not None:
+        return chunks.rtn(), _withheld(k, check)
 
     mat = torch.zeros(k, k, dtype=torch.float64, device=dev)  # U^T (Q - W) V of RTN
+    mat_check = torch.zeros(k, k, dtype=torch.float64, device=dev)  # the same in the check's basis
     rtn_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    ev_sq = torch.zeros((), dtype=torch.float64, device=dev)        # ||E V_c||^2, for the figure's uncertainty
+    etu = torch.zeros(k, n, dtype=torch.float64, device=dev)        # U_c^T E
     for r0, r1, (_, e_rows) in chunks:
         e64 = e_rows.double()
         mat += u[r0:r1].T @ (e64 @ v)
+        ecv = e64 @ check.v
+        mat_check += check.u[r0:r1].T @ ecv
+        ev_sq += (ecv * ecv).sum()
+        etu += check.u[r0:r1].T @ e64
         rtn_sq += torch.dot(e64.view(-1), e64.view(-1))
 
     count = flat.numel()
@@ -409,18 +503,49 @@ def _topk(w2: torch.Tensor, k: int, passes: int, cancel: CancelHook | None) -> t
     # RTN everywhere, then the pool's elements take their choice (one scatter over the pool, not a pass over W)
     flipped = s.flipped[:count]
     q = chunks.rtn()
-    q.view(-1).index_put_((flat,), torch.where(flipped, other_pool, rtn_pool))
+    # the figure the report prints, in the check's basis: M_check of RTN plus each flip's d u_row v_col^T
+    rows, cols = torch.div(flat, n, rounding_mode="floor"), torch.remainder(flat, n)
+    fd = torch.where(flipped, d, 0.0)
+    mat_check_q = mat_check + (check.u.index_select(0, rows) * fd[:, None]).T @ check.v.index_select(0, cols)
     stats = torch.stack([s.mat.norm(), s.mat_rtn.norm(), torch.count_nonzero(flipped).double(),
-                         s.spent / s.rtn_sq.clamp_min(1e-300)]).tolist()  # one sync
-    topk, topk_rtn, flips, extra = stats
-    return q, {
+                         s.spent / s.rtn_sq.clamp_min(1e-300), mat_check_q.norm(), mat_check.norm(),
+                         s.used.double(), ev_sq.sqrt() + etu.norm()]).tolist()  # one sync
+    own, own_rtn, flips, extra, verified, verified_rtn, used, spread = stats
+    ratio = verified / verified_rtn if verified_rtn > 0 else 1.0
+    # first order, an error of angle t in the check's basis moves ||U^T E V|| by at most t (||E V|| + ||E^T U||)
+    # (RTN's E; the stored one differs from it in a few hundredths of a percent of elements)
+    uncertainty = check.sin_bound * spread / verified_rtn if verified_rtn > 0 else 0.0
+    info = {
         "method": "topk",
         "top_k": k,
         "iterations": done_passes,
-        "topk_ratio": topk / topk_rtn if topk_rtn > 0 else 1.0,
+        "passes_used": int(used),
+        "topk_ratio": ratio,
+        "topk_ratio_search_basis": own / own_rtn if own_rtn > 0 else 1.0,
+        "topk_check": check.how + (f"; figure +- {uncertainty:.1g}" if check.sin_bound > 0 else ""),
+        "topk_ratio_uncertainty": uncertainty,
+        "search_basis_off": check.search_off,  # sin of the largest angle between the search's and the check's basis
+        "spectral_gap": check.gap,
         "flips": int(flips),
         "extra_frobenius": extra,
     }
+    why = None
+    if flips and ratio >= 1.0:
+        why = f"the search did not lower the checked top-{k} error ({ratio:.3g}x RTN's, {check.how})"
+    elif uncertainty > FIGURE_UNCERTAIN:
+        why = f"the check pins the figure down to +- {uncertainty:.2g} only ({check.how})"
+    if why is not None:  # nothing it can stand behind: keep RTN
+        info.update(topk_ratio=None, flips=0, extra_frobenius=0.0, passes_used=0,
+                    topk_check=f"withheld: {why}; kept round-to-nearest")
+        return q, info
+    q.view(-1).index_put_((flat,), torch.where(flipped, other_pool, rtn_pool))
+    return q, info
+
+
+def _withheld(k: int, check: _Check) -> dict:
+    return {"method": "topk", "top_k": k, "iterations": 0, "passes_used": 0, "topk_ratio": None,
+            "topk_check": check.withheld + "; kept round-to-nearest", "spectral_gap": check.gap, "flips": 0,
+            "extra_frobenius": 0.0}
 
 
 class _Search:
@@ -454,6 +579,7 @@ class _Search:
         self.mat, self.mat_rtn = buf("mat", (k, k), f64), buf("mat_rtn", (k, k), f64)
         self.rtn_sq, self.spent, self.budget = (buf(x, (), f64) for x in ("rtn_sq", "spent", "budget"))
         self.chosen = buf("chosen", (), i64)
+        self.used = buf("used", (), i64)  # passes that flipped something
         self.targets = buf("targets", (len(STEPS),), i64)
         self.levels = buf("levels", (len(STEPS),), i64)
         # prefix sums over the levels as one product: row j sums levels j+1..S (prefix j+1); the last row is "none"
@@ -479,6 +605,7 @@ class _Search:
         s.spent.zero_()
         s.budget.copy_(FROB_BUDGET * s.rtn_sq)
         s.chosen.fill_(len(STEPS))
+        s.used.zero_()
         for j, t in enumerate(STEPS):  # constants, set on the device (no host copy inside a graph)
             s.targets[j].fill_(int(t * FIXED_ONE))
         torch.arange(1, len(STEPS) + 1, out=s.levels)
@@ -524,6 +651,7 @@ class _Search:
         mat.add_(step[: k * k].view(k, k))
         s.spent.add_(step[k * k])
         s.chosen.copy_(i[0])
+        s.used.add_((i[0] < len(STEPS)).long())
 
 
 def _check(cancel: CancelHook | None) -> None:

@@ -1,5 +1,6 @@
 """The per-tensor event stream that the CLI, the ComfyUI nodes and the web UI consume (docs/ARCHITECTURE.md)."""
 
+import statistics
 import json
 
 import torch
@@ -93,16 +94,34 @@ def test_report_says_what_the_learned_step_did(flux_bf16, t5_fp32, tmp_path):
     """FP32 weights: the report's learned figures are the per-tensor top-k ratios, averaged; BF16 weights (exact in
     fp16): it says there was nothing to improve. Without a calibration file no bias changes, and the report says why."""
     fp32 = convert_file(t5_fp32, str(tmp_path / "t5.safetensors"), ConvertOptions(t5xxl=True))
-    worked = [t["topk_ratio"] for t in fp32["tensors"] if t.get("method") == "topk" and t.get("iterations", 0) > 0]
+    worked = [t["topk_ratio"] for t in fp32["tensors"]
+              if t.get("method") == "topk" and t.get("iterations", 0) > 0 and t["topk_ratio"] is not None]
     learned = fp32["learned"]
     assert learned["topk_tensors"] == len(worked) > 0
     assert abs(learned["topk_ratio_mean"] - sum(worked) / len(worked)) < 1e-12 and learned["topk_ratio_mean"] < 0.5
+    assert abs(learned["topk_ratio_median"] - statistics.median(worked)) < 1e-12
+    assert learned["topk_ratio_worst"] == max(worked)
     assert learned["calibrated_tensors"] == 0 and learned["output_error_ratio_mean"] is None
+    # per tensor: how the figure was checked, the gap it relied on, the passes used; the most passes in the block
+    searched = [t for t in fp32["tensors"] if t.get("method") == "topk" and t.get("iterations", 0) > 0]
+    assert all(t["topk_check"] == "exact_svd" and t["spectral_gap"] > 1 for t in searched)
+    assert learned["passes_used_max"] == max(t["passes_used"] for t in fp32["tensors"]) >= 1
     text = format_summary(fp32)
-    assert f"{learned['topk_ratio_mean']:.3g}x RTN's (mean over {len(worked)} tensors)" in text
+    assert text.splitlines()[0] == fp32["headline"]
+    assert f"{learned['topk_ratio_median']:.3g}x RTN's (median; mean {learned['topk_ratio_mean']:.3g}x" in text
+    assert f"over {len(worked)} tensors, each checked in a basis the search did not use" in text
     assert fp32["biases_corrected"] == 0 and fp32["bias_correction"].startswith("none: no calibration file")
     ui = compact(fp32)  # what the node sends to the web panel: per-tensor top-k ratios for its chart
     assert [r for r in ui["topk_ratios"] if r is not None] == worked and len(ui["topk_ratios"]) == len(ui["ratios"])
+    assert ui["headline"] == fp32["headline"] and ui["rel_error_per_tensor"] == fp32["rel_error_per_tensor"]
+    assert ui["learned"]["passes_used_max"] == learned["passes_used_max"]
+    assert ui["topk_checks"] == [t.get("topk_check") for t in fp32["tensors"]]
+    assert ui["spectral_gaps"] == [t.get("spectral_gap") for t in fp32["tensors"]]
+    assert ui["passes_used"] == [t.get("passes_used") for t in fp32["tensors"]]
+    assert len(ui["topk_checks"]) == len(ui["spectral_gaps"]) == len(ui["passes_used"]) == len(ui["ratios"])
+    per = fp32["rel_error_per_tensor"]
+    worst = max(fp32["tensors"], key=lambda t: t["rel_error"])
+    assert (per["worst"], per["worst_key"]) == (worst["rel_error"], worst["key"])
     bf16 = convert_file(flux_bf16, str(tmp_path / "flux.safetensors"), ConvertOptions())
     assert bf16["learned"]["topk_tensors"] == 0
     assert "learned rounding: nothing to improve" in format_summary(bf16)
