@@ -279,8 +279,9 @@ def format_summary(report: dict) -> str:
         report.get("headline") or headline(report),
         f"tensors: {c['quantized']} quantized, {c['kept']} kept, {c['removed']} removed",
         f"size: {_mb(report['bytes_in'])} -> {_mb(report['bytes_out'])} in {report['seconds']:.1f} s",
-        f"error (relF): {report['rel_error']:.3e} over all weights vs {report['rtn_rel_error']:.3e} for RTN "
-        f"(ratio {report['error_ratio']:.4f}); {report['changed_vs_rtn'] * 100:.2f}% of elements differ from RTN",
+        f"error (relF): {report['rel_error']:.3e} over all weights vs {report['rtn_rel_error']:.3e} for "
+        f"round-to-nearest (ratio {report['error_ratio']:.4f}); {report['changed_vs_rtn'] * 100:.2f}% of elements "
+        "differ from RTN",
     ]
     if per.get("median") is not None:
         lines.append(f"error per tensor (relF): median {per['median']:.3e}, worst {per['worst']:.3e} "

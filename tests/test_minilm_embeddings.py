@@ -63,19 +63,3 @@ def test_converted_minilm_embeds_like_fp32(tmp_path, minilm, settings):
     w = model.encoder.layer[0].attention.self.query.weight.detach()
     wq = qmodel.encoder.layer[0].attention.self.query.weight.detach()
     assert not torch.equal(w, wq) and float((w - wq).norm() / w.norm()) < 1e-3
-    if settings == {}:
-        # the report's top-1 figure for each real weight holds against an exact float64 SVD of what was stored
-        from safetensors.torch import load_file
-        src = load_file(os.path.join(path, "model.safetensors"))
-        rows = {t["key"]: t for t in report["tensors"]}
-        checked = 0
-        for key in ("encoder.layer.0.output.dense.weight", "encoder.layer.3.intermediate.dense.weight",
-                    "encoder.layer.5.attention.self.value.weight", "pooler.dense.weight"):
-            row, w = rows[key], src[key].double()
-            u, _, vh = torch.linalg.svd(w, full_matrices=False)
-            err = lambda q: float(u[:, 0] @ (q.double() - w) @ vh[0])  # noqa: E731
-            exact = abs(err(sd[key])) / abs(err(w.float().half()))
-            assert row["topk_check"] == "exact_svd" and row["scale"] == 1.0, row  # RTN below: the plain cast
-            assert row["topk_ratio"] == pytest.approx(exact, rel=0.1, abs=1e-4), (key, row["topk_ratio"], exact)
-            checked += 1
-        assert checked == 4 and report["learned"]["passes_used_max"] >= 1
