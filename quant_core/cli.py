@@ -54,6 +54,14 @@ class _SignalCancel:
     def cancel(self) -> bool:
         return self.event.is_set()
 
+    @staticmethod
+    def ignore() -> None:
+        """Ignore the signals from now on: the interpreter's shutdown puts Python-level handlers back to the default
+        (which kills the process) but leaves ignored signals ignored, so the tail of a burst cannot end the exit."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in CANCEL_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+
 
 STRIP_COMMAND = "strip-fp8-marker"
 
@@ -124,7 +132,7 @@ class ProgressBar:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line. As a program (`argv` None) the signal handlers stay until the process exits, so that
+    """Run the command line. As a program (`argv` None) the signals are ignored once the work is done, so that
     the rest of a burst of Ctrl-C cannot interrupt the exit; called with an explicit `argv` (from Python) the
     previous handlers are put back on return."""
     as_program = argv is None
@@ -142,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         print("cancelled, no file written", file=sys.stderr)
         return 2
     finally:
-        if not as_program:
+        if as_program:
+            signals.ignore()
+        else:
             signals.restore(previous)
 
 
