@@ -7,7 +7,7 @@ Texts (benchmarks/calib_shift.py): "prose" = sentences of the licence texts in /
 figure is the relative error of the final hidden state against FP32, calibrated / RTN.
 
 The multi-seed variant (three splits, four cases) takes several minutes on a CPU:
-    QUANT_CORE_SLOW=1 python -m pytest tests/test_calibration.py -m slow
+    python -m pytest tests/test_calibration.py -m slow
 """
 
 import json
@@ -29,9 +29,6 @@ from quant_core.rounding import neighbours, round_to_fp16
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import calib_shift  # noqa: E402
-
-SLOW = os.environ.get("QUANT_CORE_SLOW") == "1"
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -243,7 +240,6 @@ def test_cli_bias_correction_flag():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SLOW, reason="several minutes on a CPU: QUANT_CORE_SLOW=1 python -m pytest -m slow")
 def test_end_to_end_over_seeds_and_cases(mini, workdir):
     """Three splits x four cases (matched prose, matched everyday, prose->everyday, everyday->prose)."""
     ratios = {}
