@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # the baseline: safetensors read, cast 2-D+ weights to fp16 on the CPU, stream the bytes out with the same writer
 PLAIN_LOOP = r"""
@@ -54,23 +55,8 @@ if torch.cuda.is_available():
 sys.exit(rc)
 """
 
-# what a user would otherwise run: the whole file into RAM with safetensors, .half() on 2-D+ weights, save_file,
-# then fsync so that the flush to disk is counted as it is for the converter (which fsyncs before its rename);
-# prints its own split (load+cast+save / flush) to stderr
-PLAIN_CAST = r"""
-import os, sys, time, torch
-from safetensors.torch import load_file, save_file
-src, dst = sys.argv[1], sys.argv[2]
-t0 = time.perf_counter()
-sd = load_file(src)
-sd = {k: (v.half() if k.endswith(".weight") and v.dim() >= 2 else v) for k, v in sd.items()}
-save_file(sd, dst)
-t1 = time.perf_counter()
-fd = os.open(dst, os.O_RDONLY)
-os.fsync(fd)
-os.close(fd)
-print(f"    load_file/.half()/save_file {t1 - t0:.1f} s + flush {time.perf_counter() - t1:.1f} s", file=sys.stderr)
-"""
+# what a user would otherwise run (load_file -> .half() -> save_file, flush counted): the same script as the CPU bench
+from bench_stream import PLAIN_CAST  # noqa: E402
 
 
 def rss_anon_kb(pid: int) -> int:
