@@ -52,3 +52,14 @@ def minilm_dir():
     path = os.path.join(os.path.dirname(mod.__file__), "model")
     assert os.path.isfile(os.path.join(path, "model.safetensors")), path
     return path
+
+
+def load_stand_ins(module_name: str = "fp16lr_stand_ins"):
+    """The stand-in ComfyUI modules (tests/comfy_test_pack/stand_ins.py), loaded by path under `module_name`: the
+    test pack's own __init__ needs a real ComfyUI."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        module_name, os.path.join(ROOT, "tests", "comfy_test_pack", "stand_ins.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ROOT, run_cli, small_flux_specs
+from conftest import load_stand_ins, run_cli, small_flux_specs
 from quant_core import ConvertOptions, convert_file, load_dequantized_state_dict
 from quant_core.demo import write_model
 from quant_core.errors import ConversionError
@@ -122,22 +122,13 @@ def test_scale_modes(tmp_path):
         load_dequantized_state_dict(out, scale_at="later")
 
 
-def _stand_ins():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "fp16lr_stand_ins_compat", os.path.join(ROOT, "tests", "comfy_test_pack", "stand_ins.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_conversion_releases_device_memory_under_a_path_like_package_name(tmp_path, monkeypatch):
     """ComfyUI imports a pack under its folder path (nodes.py: the module name is the path, '.' replaced by '_x_'),
     so the rounding module is '<path>.quant_core.rounding'. Each conversion through the node must call that module's
     release (captured CUDA graphs and buffers), not look for a module of another name."""
     import sys
 
-    stand_ins = _stand_ins()
+    stand_ins = load_stand_ins("fp16lr_stand_ins_compat")
     name = os.path.join(str(tmp_path), "custom_nodes", "comfyui-scaled-fp16").replace(".", "_x_")
     monkeypatch.setattr(stand_ins, "PACK_MODULE", name)
     pack, _ = stand_ins.install(str(tmp_path))

@@ -13,20 +13,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, small_flux_specs, small_t5_specs
+from conftest import ROOT, load_stand_ins, small_flux_specs, small_t5_specs
 from quant_core.demo import write_model
 
 
-def _load_stand_ins():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "fp16lr_stand_ins", os.path.join(ROOT, "tests", "comfy_test_pack", "stand_ins.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stand_ins = _load_stand_ins()  # by path: the test pack's own __init__ needs a real ComfyUI
+stand_ins = load_stand_ins()
 
 NODE_TYPES = ["ScaledFP16Convert", "ScaledFP16SaveModel", "ScaledFP16SaveCLIP", "ScaledFP16UNETLoader",
               "ScaledFP16CLIPLoader", "ScaledFP16DualCLIPLoader", "ScaledFP16CheckpointLoader"]
@@ -544,7 +535,6 @@ def test_scaled_fp8_marker_is_refused(comfy):
     pack, rec = comfy
     write_model(os.path.join(models(pack.base, "diffusion_models"), "m.safetensors"), small_flux_specs(),
                 torch.bfloat16)
-    convert = sys.modules[stand_ins.PACK_MODULE + ".nodes.convert"]
     n = node(pack, "ScaledFP16Convert")
     paths = sys.modules[stand_ins.PACK_MODULE + ".nodes.paths"]
     with pytest.raises(paths.ConversionFailed, match="0.8.0"):
