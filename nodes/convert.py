@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..quant_core.format import default_output_path
-from . import paths
+from . import paths, records
 from .common import ConvertingNode, conversion_options, node_result, run_conversion
 from .progress import ConversionProgress
 
@@ -53,7 +53,7 @@ class ScaledFP16Convert(ConvertingNode):
             target = output_name.strip() or default_output_path(name, options.keep_distillation)
             dst, saved_name = paths.output_path(kind, target, overwrite=True)  # name checks; shadowing refused
             if os.path.exists(dst):
-                stored, why = paths.up_to_date(dst, src, options.settings(), options.calibration)
+                stored, why = records.up_to_date(dst, src, options.settings(), options.calibration)
                 if stored is not None:
                     return node_result([saved_name], [progress.reused(stored, saved_name)])
                 if not options.overwrite:
@@ -63,6 +63,6 @@ class ScaledFP16Convert(ConvertingNode):
             raise
         report = run_conversion(src, dst, options, progress)
         summary = progress.finished(report, saved_name)
-        paths.write_record(dst, src, report.get("settings") or options.settings(), options.calibration, summary)
+        records.write_record(dst, src, report.get("settings") or options.settings(), options.calibration, summary)
         paths.refresh_file_list(kind)
         return node_result([saved_name], [summary])
