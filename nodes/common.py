@@ -1,7 +1,8 @@
 """What every converting node shares: categories, the setting widgets (built from `quant_core.options`), the widget
 values as `ConvertOptions`, and one conversion run with the node's progress, cancel and result.
 
-Node modules import from here and from paths/progress, never from each other.
+The node modules (convert, save, loaders) take shared pieces from here and from the helper modules (paths, records,
+progress, loading, graph_weights), never from each other.
 """
 
 from __future__ import annotations
