@@ -6,7 +6,8 @@ A plain library (torch, safetensors, tqdm); it never imports ComfyUI. See docs/A
 __version__ = "0.1.0"
 
 from .errors import Cancelled, ConversionError  # noqa: E402
-from .convert import ConvertOptions, convert, convert_file  # noqa: E402
+from .options import ConvertOptions  # noqa: E402
+from .convert import convert, convert_file  # noqa: E402
 from .sources import StateDictSource  # noqa: E402
 from .format import iter_dequantized, load_dequantized_state_dict  # noqa: E402
 

@@ -16,11 +16,11 @@ import threading
 from tqdm import tqdm
 
 from . import __version__
-from .convert import ConvertOptions, convert_file
+from .convert import convert_file
 from .errors import Cancelled, ConversionError, safe_text
 from .format import FP8_MARKER_REMOVED, default_output_path, strip_fp8_marker
+from .options import ConvertOptions, OptionField, option_fields
 from .report import format_summary
-from .scaling import POLICIES
 
 DEMO_FOLDER = "scaled-fp16-demo"  # --demo works in ./scaled-fp16-demo/
 
@@ -66,6 +66,18 @@ class _SignalCancel:
 STRIP_COMMAND = "strip-fp8-marker"
 
 
+def _add_option(p: argparse.ArgumentParser, f: OptionField) -> None:
+    """A `ConvertOptions` field as a `--<name>` flag: booleans switch on, the rest take a value (same default)."""
+    flag = f"--{f.name}"
+    if f.type == "bool":
+        p.add_argument(flag, action="store_true", help=f.help)
+    elif f.default is None:
+        p.add_argument(flag, metavar="FILE", help=f.help)
+    else:
+        p.add_argument(flag, type=int if f.type == "int" else str, default=f.default, choices=f.choices,
+                       help=f"{f.help} (default {f.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m quant_core",
@@ -74,28 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                     f"'{STRIP_COMMAND}' rewrites a file of an earlier version without ComfyUI's scaled_fp8 marker.")
     p.add_argument("--input", help="input .safetensors file (pickle formats are refused)")
     p.add_argument("--output", help="output file (default: <input>_float16_scaled_learned[_nodistill]_svd.safetensors)")
-    p.add_argument("--t5xxl", action="store_true", help="T5XXL text encoder mode: drop decoder/lm_head, keep "
-                   "norms/biases/embeddings, add scale_input, marker of shape [0]")
-    p.add_argument("--keep_distillation", action="store_true", help="keep FLUX distilled_guidance_layer, "
-                   "final_layer, img_in, txt_in in their source dtype (scale_weight 1)")
-    p.add_argument("--num_iter", type=int, default=256, help="refinement budget of the learned rounding "
-                   "(default 256, the reference's iteration count); 0 = plain round-to-nearest. The search uses at "
-                   "most 4 passes (calibrated: 3), so any value from 4 on gives the same file; the report's "
-                   "passes_used says how many a tensor took")
-    p.add_argument("--top_k", type=int, default=1, help="principal directions whose error the rounding "
-                   "minimizes (default 1)")
-    p.add_argument("--calib_samples", type=int, default=3072, help="synthetic random rows of the out(randn) "
-                   "report figure (default 3072; 0: none; the file does not depend on it)")
-    p.add_argument("--calibration", metavar="FILE", help="calibration statistics from 'capture' (enables "
-                   "activation-aware rounding)")
-    p.add_argument("--bias_correction", action="store_true", help="with --calibration: also correct each "
-                   "calibrated layer's bias by -(Q - W) E[x] (off by default: it did not help on held-out text)")
-    p.add_argument("--scale", choices=POLICIES, default="auto", help="auto: scale 1 unless a tensor would "
-                   "overflow fp16 or lose precision to subnormals; pow2: always scale (BF16 input exactly lossless)")
+    for f in option_fields():
+        if f.cli:
+            _add_option(p, f)
     p.add_argument("--scaled_fp8_marker", action="store_true", help=argparse.SUPPRESS)  # removed: refused
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--report", metavar="FILE.json", help="write the full per-tensor report as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--demo", action="store_true", help="build a small FLUX-shaped model (BF16 and FP32) in "
                    f"./{DEMO_FOLDER}/ and convert both (no download); the files stay there")
@@ -171,10 +166,7 @@ def _main(argv: list[str], signals: _SignalCancel) -> int:
 
 
 def _convert(args, src: str, dst: str | None, report_path: str | None = None) -> int:
-    options = ConvertOptions(t5xxl=args.t5xxl, keep_distillation=args.keep_distillation, num_iter=args.num_iter,
-                             top_k=args.top_k, calib_samples=args.calib_samples, scale=args.scale,
-                             calibration=args.calibration, bias_correction=args.bias_correction,
-                             device=args.device, overwrite=args.overwrite)
+    options = ConvertOptions(**{f.name: getattr(args, f.name) for f in option_fields() if f.cli})
     bar = ProgressBar(args.quiet)
     try:
         report = convert_file(src, dst, options, on_event=bar, cancel=args.signals.cancel, report_path=report_path)

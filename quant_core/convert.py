@@ -12,7 +12,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -21,9 +20,10 @@ from . import __version__
 from . import format as fmt
 from .errors import Cancelled, ConversionError
 from .metrics import fp16_limit, in_safe_range, measure
+from .options import ConvertOptions
 from .report import Summary, report_json
 from .safetensors_io import AtomicFile, SafetensorsReader, StreamingWriter, check_input_path, clean_stale_temps
-from .scaling import POLICIES, candidate_scale, worth_scaling
+from .scaling import candidate_scale, worth_scaling
 
 EventCallback = Callable[[dict], None]
 CancelHook = Callable[[], object]
@@ -34,37 +34,6 @@ LOSSY_REL_ERROR = 1e-2
 # ... or when this share of its values is stored as 0 although the weight is not (a real model's tiniest values
 # flush at a rate of ~1e-5 at most)
 LOSSY_FLUSHED = 1e-2
-
-
-@dataclass
-class ConvertOptions:
-    """Conversion settings. The first six mirror the reference script's flags and defaults."""
-
-    t5xxl: bool = False
-    keep_distillation: bool = False
-    num_iter: int = 256
-    top_k: int = 1
-    calib_samples: int = 3072
-    scale: str = "auto"          # "auto" | "pow2", see scaling.py
-    calibration: str | None = None  # calibration statistics file (see calibration.py)
-    bias_correction: bool = False  # with a calibration file: b -= (Q - W) E[x] (off: no held-out gain, rounding.md)
-    device: str = "auto"         # "auto" | "cpu" | "cuda" | "cuda:N"
-    overwrite: bool = False
-
-    def settings(self) -> dict:
-        """What determines the output bytes (recorded in the file's metadata); the device does not."""
-        s = asdict(self)
-        s.pop("device")
-        s.pop("overwrite")
-        s["calibration"] = os.path.basename(self.calibration) if self.calibration else None
-        return s
-
-    def validate(self) -> None:
-        if self.scale not in POLICIES:
-            raise ConversionError(f"unknown scale policy '{self.scale}'; expected one of {', '.join(POLICIES)}")
-        for name in ("num_iter", "top_k", "calib_samples"):
-            if getattr(self, name) < 0:
-                raise ConversionError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,8 +11,9 @@ import json
 import math
 import os
 
+from .options import MAX_PASSES
+
 WORST_N = 5
-MAX_PASSES = 4  # the learned rounding's pass limit (rounding.MAX_PASSES; num_iter beyond it changes nothing)
 _INTERNAL = ("err_sq", "rtn_err_sq", "w_sq", "sq_exp")
 
 

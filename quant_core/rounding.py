@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .options import MAX_PASSES, REFINE_SWEEPS
+
 if TYPE_CHECKING:
     from .calibration import LayerCalibration
 
 # default mode
-MAX_PASSES = 4           # refinement passes; num_iter caps this, beyond it the objective is at its granularity floor
 BASIS_ITERS = 8          # block Krylov steps for the top-k basis (each: two skinny products with W)
 OVERSAMPLE = 6           # extra vectors per Krylov block
 BASIS_SEED = 20240601
@@ -70,7 +71,6 @@ DAMP = 0.01              # H += DAMP * mean(diag H) * I
 SHRINK = 0.5             # H <- (1 - SHRINK) H + SHRINK diag(H): half the off-diagonal structure of the sample kept
 HELD_OUT_CHECK = True    # round on one half of the calibration sequences, measure on the other, keep only if < 1
 BLOCK = 128              # GPTQ column block
-REFINE_SWEEPS = 2        # coordinate-descent sweeps after GPTQ (num_iter - 1 caps this)
 FP64_WORK = 1 << 36      # GPTQ in float64 when out * in^2 is at most this, else float32
 
 CancelHook = Callable[[], object]

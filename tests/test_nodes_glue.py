@@ -297,16 +297,37 @@ def test_user_errors_have_clean_names_one_line_and_no_traceback_in_the_log(comfy
     assert len(caplog.records) == 1
 
 
-def test_widget_tooltips_say_where_they_stop_mattering(comfy):
+def test_setting_widgets_are_the_options_definition(comfy):
+    """Every option meant as a widget is one on each converting node, with the option's default, range and help."""
+    from quant_core.options import option_fields
     pack, _ = comfy
-    from quant_core import rounding
-    required = pack.NODE_CLASS_MAPPINGS["ScaledFP16Convert"].INPUT_TYPES()["required"]
-    tips = {name: spec[1]["tooltip"] for name, spec in required.items()}
-    assert f"every value from {rounding.MAX_PASSES} up gives the same file" in tips["num_iter"]
-    assert "report shows the passes used" in tips["num_iter"]
-    assert "same for every value" in tips["calib_samples"]
-    assert "up to date" in tips["overwrite"]
-    assert all(len(t) > 40 for t in tips.values())
+    fields = [f for f in option_fields() if f.widget]
+    assert {f.name for f in fields} == set(CONVERT_WIDGETS + ["calibration"]) - {"output_name"}
+    for name in ("ScaledFP16Convert", "ScaledFP16SaveModel", "ScaledFP16SaveCLIP"):
+        spec = pack.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
+        widgets = {**spec["required"], **spec["optional"]}
+        for field in fields:
+            choices, opts = widgets[field.name]
+            assert opts["tooltip"].startswith(field.help), (name, field.name)
+            if field.name == "calibration":  # a choice of the calibration folder's files
+                assert choices[0] == opts["default"] == "none"
+                continue
+            assert choices == {"int": "INT", "bool": "BOOLEAN"}[field.type]
+            assert opts["default"] == field.default
+            assert (opts.get("min"), opts.get("max")) == (field.min, field.max)
+
+
+def test_widget_values_are_the_recorded_conversion_settings(comfy):
+    pack, _ = comfy
+    write_model(os.path.join(models(pack.base, "diffusion_models"), "m.safetensors"), small_flux_specs(),
+                torch.float32, seed=4)
+    kw = convert_kwargs(num_iter=3, top_k=2, calib_samples=16, keep_distillation=True, output_name="s")
+    node(pack, "ScaledFP16Convert").convert("diffusion_models/m.safetensors", **kw)
+    meta = safe_open_metadata(os.path.join(pack.base, "output", "diffusion_models", "s.safetensors"))
+    settings = json.loads(meta["scaled_fp16.settings"])
+    assert {k: settings[k] for k in ("num_iter", "top_k", "calib_samples", "t5xxl", "keep_distillation")} == {
+        "num_iter": 3, "top_k": 2, "calib_samples": 16, "t5xxl": False, "keep_distillation": True}
+    assert settings["calibration"] is None
 
 
 def test_interrupt_stops_within_a_tensor_and_leaves_no_file(comfy):
@@ -351,7 +372,7 @@ def converted_flux(pack):
 def test_unet_loader_dequantizes_and_drops_scale_keys(comfy):
     pack, rec = comfy
     src, name = converted_flux(pack)
-    assert node(pack, "ScaledFP16UNETLoader").load_unet(name, "default") == ("MODEL",)
+    assert node(pack, "ScaledFP16UNETLoader").load_unet(unet_name=name, weight_dtype="default") == ("MODEL",)
     kind, sd, options = rec.loaded[-1]
     original = read(src)
     assert kind == "unet" and options == {} and set(sd) == set(original)
@@ -359,7 +380,7 @@ def test_unet_loader_dequantizes_and_drops_scale_keys(comfy):
         # BF16 -> FP16 is exact except for values below fp16's subnormal spacing (the auto policy keeps scale 1)
         assert torch.allclose(sd[k].float(), w.float(), rtol=0, atol=2 ** -25), k
 
-    node(pack, "ScaledFP16UNETLoader").load_unet(name, "bf16")
+    node(pack, "ScaledFP16UNETLoader").load_unet(unet_name=name, weight_dtype="bf16")
     _, sd, options = rec.loaded[-1]
     assert options == {"dtype": torch.bfloat16} and all(t.dtype == torch.bfloat16 for t in sd.values())
 
@@ -378,7 +399,7 @@ def test_unet_loader_applies_scale_weight(comfy):
     stored = read(os.path.join(pack.base, "output", "diffusion_models", name))
     assert float(stored["img_in.scale_weight"][0]) > 1
     # multiplied out at load (the run-time path needs a real ComfyUI: tests/e2e)
-    node(pack, "ScaledFP16UNETLoader").load_unet(name, "default", apply_scale="at load")
+    node(pack, "ScaledFP16UNETLoader").load_unet(unet_name=name, weight_dtype="default", apply_scale="at load")
     loaded = rec.loaded[-1][1]["img_in.weight"].float()
     assert torch.allclose(loaded, sd["img_in.weight"], rtol=1e-3, atol=0)
 
@@ -386,10 +407,11 @@ def test_unet_loader_applies_scale_weight(comfy):
 def test_loader_takes_linked_name_over_dropdown(comfy):
     pack, rec = comfy
     _, name = converted_flux(pack)
-    node(pack, "ScaledFP16UNETLoader").load_unet("m.safetensors", "default", unet_name_override=name)
+    node(pack, "ScaledFP16UNETLoader").load_unet(unet_name="m.safetensors", weight_dtype="default",
+                                                 unet_name_override=name)
     assert "scaled_fp16" not in rec.loaded[-1][1]
     assert len(rec.loaded[-1][1]) == len(small_flux_specs())
-    node(pack, "ScaledFP16UNETLoader").load_unet("m.safetensors", "default",
+    node(pack, "ScaledFP16UNETLoader").load_unet(unet_name="m.safetensors", weight_dtype="default",
                                                  unet_name_override="diffusion_models/" + name)
 
 
@@ -398,11 +420,11 @@ def test_unrecognised_architecture_names_the_file(comfy):
     _, name = converted_flux(pack)
     sys.modules["comfy.sd"].recognise = False
     with pytest.raises(ValueError, match=r"m-scaled\.safetensors: ComfyUI does not recognise"):
-        node(pack, "ScaledFP16UNETLoader").load_unet(name, "default")
+        node(pack, "ScaledFP16UNETLoader").load_unet(unet_name=name, weight_dtype="default")
     import shutil
     shutil.copy(os.path.join(pack.base, "output", "diffusion_models", name), models(pack.base, "text_encoders"))
     with pytest.raises(ValueError, match=r"m-scaled\.safetensors: not a text encoder ComfyUI recognises"):
-        node(pack, "ScaledFP16CLIPLoader").load_clip(name, "sd3")
+        node(pack, "ScaledFP16CLIPLoader").load_clip(clip_name=name, type="sd3")
 
 
 def test_clip_loaders_hand_dequantized_encoders_to_comfy(comfy):
@@ -411,12 +433,12 @@ def test_clip_loaders_hand_dequantized_encoders_to_comfy(comfy):
                 torch.float32, seed=2)
     (name,) = node(pack, "ScaledFP16Convert").convert("text_encoders/t5.safetensors",
                                                       **convert_kwargs(t5xxl=True, output_name="t5s"))["result"]
-    node(pack, "ScaledFP16CLIPLoader").load_clip(name, "stable_audio", "cpu")
+    node(pack, "ScaledFP16CLIPLoader").load_clip(clip_name=name, type="stable_audio", device="cpu")
     kind, (sd,), options = rec.loaded[-1]
     assert kind == "clip" and options["clip_type"].name == "STABLE_AUDIO"
     assert options["load_device"] == torch.device("cpu")
     assert not any(k.endswith(("scale_weight", "scale_input")) or k == "scaled_fp16" for k in sd)
-    node(pack, "ScaledFP16DualCLIPLoader").load_clip("t5.safetensors", name, "flux")
+    node(pack, "ScaledFP16DualCLIPLoader").load_clip(clip_name1="t5.safetensors", clip_name2=name, type="flux")
     kind, sds, options = rec.loaded[-1]
     assert len(sds) == 2 and options["clip_type"].name == "FLUX"
 
@@ -428,7 +450,7 @@ def test_checkpoint_loader(comfy):
                 metadata={"modelspec.architecture": "test"})
     (name,) = node(pack, "ScaledFP16Convert").convert("checkpoints/ck.safetensors",
                                                       **convert_kwargs(output_name="ck-s"))["result"]
-    assert node(pack, "ScaledFP16CheckpointLoader").load_checkpoint(name) == ("MODEL", "CLIP", "VAE")
+    assert node(pack, "ScaledFP16CheckpointLoader").load_checkpoint(ckpt_name=name) == ("MODEL", "CLIP", "VAE")
     _, sd, options = rec.loaded[-1]
     assert len(sd) == len(specs) and options["metadata"]["modelspec.architecture"] == "test"
 
@@ -443,6 +465,18 @@ def test_loader_is_changed_follows_size_and_mtime(comfy):
     os.utime(path, ns=(1, 1))
     assert cls.IS_CHANGED(unet_name="m.safetensors", weight_dtype="default") != first
     assert cls.IS_CHANGED(unet_name="missing.safetensors", weight_dtype="default") == "missing"
+    # a linked name (ComfyUI passes None for a link while it computes the cache key) falls back to the dropdown;
+    # a name given as a widget value wins over it
+    assert cls.IS_CHANGED(unet_name="m.safetensors", weight_dtype="default", unet_name_override=None) != "missing"
+    assert cls.IS_CHANGED(unet_name="m.safetensors", unet_name_override="missing.safetensors") == "missing"
+    # the dual loader follows both of its files
+    dual = pack.NODE_CLASS_MAPPINGS["ScaledFP16DualCLIPLoader"]
+    te = [write_model(os.path.join(models(pack.base, "text_encoders"), f"t{i}.safetensors"), small_t5_specs(),
+                      torch.float32, seed=i) for i in (1, 2)]
+    pair = dual.IS_CHANGED(clip_name1="t1.safetensors", clip_name2="t2.safetensors", type="flux")
+    os.utime(te[1], ns=(1, 1))
+    assert dual.IS_CHANGED(clip_name1="t1.safetensors", clip_name2="t2.safetensors", type="flux") not in (pair,
+                                                                                                          "missing")
 
 
 # --- save nodes ---------------------------------------------------------------------------------------------------
@@ -470,7 +504,8 @@ def test_save_model_applies_patches_streams_and_cleans_up(comfy):
     key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
     delta = 0.01 * torch.randn(sd[key].shape, generator=gen)
     patcher = StandInPatcher(sd, {key: [(0.5, delta)]})
-    out = node(pack, "ScaledFP16SaveModel").save(patcher, unique_id="9", **convert_kwargs(output_name="lora-merged"))
+    out = node(pack, "ScaledFP16SaveModel").save(model=patcher, unique_id="9",
+                                                 **convert_kwargs(output_name="lora-merged"))
     assert out["result"] == ("lora-merged.safetensors",)
     folder = os.path.join(pack.base, "output", "diffusion_models")
     assert os.listdir(folder) == ["lora-merged.safetensors"]  # nothing else was written
@@ -498,7 +533,7 @@ def test_save_model_cancel_during_conversion_leaves_nothing(comfy):
     sd = {"diffusion_model." + k: torch.zeros(s, dtype=torch.bfloat16) for k, s in small_flux_specs()}
     rec.interrupt_after = 3
     with pytest.raises(sys.modules["comfy.model_management"].InterruptProcessingException):
-        node(pack, "ScaledFP16SaveModel").save(StandInPatcher(sd, {}), **convert_kwargs(output_name="x"))
+        node(pack, "ScaledFP16SaveModel").save(model=StandInPatcher(sd, {}), **convert_kwargs(output_name="x"))
     assert os.listdir(os.path.join(pack.base, "output", "diffusion_models")) == []
     assert rec.of("fp16lr.error")[0]["cancelled"] is True
 
@@ -513,7 +548,7 @@ def test_save_clip_writes_one_file_per_encoder(comfy):
     class Clip:
         patcher = StandInPatcher(sd, {})
 
-    out = node(pack, "ScaledFP16SaveCLIP").save(Clip(), **convert_kwargs(output_name="te", t5xxl=True))
+    out = node(pack, "ScaledFP16SaveCLIP").save(clip=Clip(), **convert_kwargs(output_name="te", t5xxl=True))
     assert out["result"] == ("te_clip_l.safetensors, te_t5xxl.safetensors",)
     assert len(out["ui"]["fp16lr_report"]) == 2
     folder = os.path.join(pack.base, "output", "clip")
@@ -527,17 +562,3 @@ def test_progress_payloads_are_plain_json(comfy):
     progress = sys.modules[stand_ins.PACK_MODULE + ".nodes.progress"]
     out = progress._json_safe({"a": float("nan"), "b": torch.tensor(2.5), "c": (1, float("inf")), "d": True})
     assert out == {"a": None, "b": 2.5, "c": [1, None], "d": True}
-
-
-def test_scaled_fp8_marker_is_refused(comfy):
-    """The former option (ComfyUI 0.8.0+ casts files carrying the marker to fp8): an API prompt that still passes it
-    fails clearly before anything is written."""
-    pack, rec = comfy
-    write_model(os.path.join(models(pack.base, "diffusion_models"), "m.safetensors"), small_flux_specs(),
-                torch.bfloat16)
-    n = node(pack, "ScaledFP16Convert")
-    paths = sys.modules[stand_ins.PACK_MODULE + ".nodes.paths"]
-    with pytest.raises(paths.ConversionFailed, match="0.8.0"):
-        n.convert("diffusion_models/m.safetensors", scaled_fp8_marker=True, **convert_kwargs(output_name="mk"))
-    out_dir = os.path.join(pack.base, "output", "diffusion_models")
-    assert not os.path.isdir(out_dir) or not os.listdir(out_dir)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from . import graphs
@@ -141,6 +142,17 @@ def test_stock_loaders_and_the_legacy_scaled_fp8_marker(comfy, flux_file):
     log = comfy.log_text()
     if log is not None:  # our loader said once what stock loaders do with the file
         assert log.count(f"{legacy}.safetensors carries a 'scaled_fp8' marker") == 1, comfy.log_tail()
+
+
+def test_prompt_passing_the_removed_marker_option_gets_no_marker(comfy, flux_file):
+    """ComfyUI drops an input the node does not declare before the node runs: an API prompt that still passes the
+    former `scaled_fp8_marker: true` converts as usual, and the file carries no `scaled_fp8` key."""
+    prompt = graphs.convert(f"diffusion_models/{flux_file}", "flux-e2e-former-option")
+    prompt["0"]["inputs"]["scaled_fp8_marker"] = True
+    comfy.run(prompt)
+    with safe_open(comfy.path("output", "diffusion_models", "flux-e2e-former-option.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "scaled_fp16" in keys and "scaled_fp8" not in keys
 
 
 def test_scale_applied_at_load_or_at_run_time_samples_alike(comfy, flux_file):
