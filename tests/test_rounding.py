@@ -1,5 +1,5 @@
 """Default (data-free) learned rounding on the fp16 grid, measured after the final cast against round-to-nearest on
-the real all-MiniLM-L6-v2 weights (issue 3, criteria 1, 4, 5)."""
+the real all-MiniLM-L6-v2 weights."""
 
 import os
 
