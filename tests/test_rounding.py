@@ -135,11 +135,21 @@ def test_same_input_same_bytes_and_no_overflow():
     assert a.q[0, 4].item() == 0 and a.q[0, 0].item() == 65504.0
 
 
-def test_row_chunking_does_not_change_any_stored_value(minilm_linear, monkeypatch):
-    """Sums taken in another order (the CPU works in cache-sized row chunks, a GPU in large ones) must not move
-    any stored fp16 value: the decisions are made in float64 with margins far above that noise."""
+def test_summation_order_does_not_change_any_stored_value(minilm_linear, monkeypatch):
+    """Sums taken in another order must not move any stored fp16 value: the decisions are made in float64 with
+    margins far above that noise. Two orders: one thread instead of several (torch's reductions and products split
+    differently), and the whole matrix as one row chunk, as on a GPU, instead of the CPU's cache-sized chunks (the
+    one place this test reaches into the module: the chunking has no public switch)."""
     keys = ["encoder.layer.0.output.dense.weight", "encoder.layer.3.attention.self.key.weight"]
     base = {k: round_to_fp16(minilm_linear[k], top_k=2, num_iter=256).q for k in keys}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k in keys:
+            q = round_to_fp16(minilm_linear[k], top_k=2, num_iter=256).q
+            assert torch.equal(q.view(torch.int16), base[k].view(torch.int16)), k
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(rounding, "_row_chunks", lambda m, n, device: [(0, m)])
     for k in keys:
         q = round_to_fp16(minilm_linear[k], top_k=2, num_iter=256).q
