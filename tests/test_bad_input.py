@@ -463,7 +463,9 @@ def test_file_names_are_escaped(tmp_path):
 def test_long_valid_output_names_work(tmp_path, flux_bf16, length):
     name = "m" * (length - len(".safetensors")) + ".safetensors"
     convert_file(flux_bf16, str(tmp_path / name), ConvertOptions(num_iter=0), report_path=str(tmp_path / "r.json"))
-    assert os.path.getsize(tmp_path / name) > 0
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / name), "pt") as f:  # complete and readable under its long name
+        assert "scaled_fp16" in f.keys() and f.metadata()["scaled_fp16.format"] == "scaled_fp16"
     assert _listing(tmp_path) == sorted([name, os.path.basename(flux_bf16), "r.json"])
 
 

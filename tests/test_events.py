@@ -33,10 +33,13 @@ def test_event_stream(flux_bf16, tmp_path):
     quantized = [e for e in tensors if e["action"] == "quantized"]
     kept = [e for e in tensors if e["action"] == "kept"]
     assert len(quantized) == report["counts"]["quantized"] and len(kept) == report["counts"]["kept"]
+    with safe_open(flux_bf16, "pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert all(e["shape"] == shapes[e["key"]] for e in tensors)  # every event names its tensor's own shape
     for e in quantized:
         assert METRIC_FIELDS <= set(e["metrics"]), set(e["metrics"]) ^ METRIC_FIELDS
         assert e["dtype"] == "bfloat16" and e["scale"] == 1.0 and e["metrics"]["nonfinite"] == 0
-        assert isinstance(e["shape"], list) and len(e["shape"]) == 2
+        assert len(e["shape"]) == 2
     assert all(e["scale"] is None and e["metrics"] == {} for e in kept)
     # the overall figure is an energy-weighted mean of the per-tensor ones, so it lies between them
     rels = [t["rel_error"] for t in report["tensors"]]
