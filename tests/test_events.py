@@ -153,11 +153,9 @@ def test_bf16_default_mode_stores_the_plain_cast(flux_bf16, t5_fp32, tmp_path):
     assert searched and all(t["changed_vs_rtn"] > 0 for t in searched) and fp32["changed_vs_rtn"] > 0
 
 
-def test_calib_samples_sets_the_synthetic_rows_of_the_out_randn_figure(t5_fp32, tmp_path, monkeypatch):
+def test_calib_samples_sets_the_synthetic_rows_of_the_out_randn_figure(t5_fp32, tmp_path):
     """Without a calibration file, `calib_samples` is the number of synthetic rows of the out(randn) figure, measured
     for every tensor the learned rounding changed: it changes the report, never the stored bytes."""
-    from quant_core import rounding
-
     reports, files = [], []
     for samples in (3072, 256):
         out = str(tmp_path / f"t5-{samples}.safetensors")
@@ -179,13 +177,15 @@ def test_calib_samples_sets_the_synthetic_rows_of_the_out_randn_figure(t5_fp32, 
             assert abs(t["out_randn_ratio"] - t["error_ratio"]) < 0.02, t
     # other rows, other figures (the rows are what calib_samples sets)
     assert [t.get("out_randn") for t in reports[0]["tensors"]] != [t.get("out_randn") for t in reports[1]["tensors"]]
-    # calib_samples 0: no figure; on the CPU a tensor above the cost limit is skipped and counted
+    # calib_samples 0: no figure; on the CPU a figure above the cost limit (here two million rows, 5e10
+    # multiply-adds x 2 for the smallest of these weights) is skipped and counted
     none = convert_file(t5_fp32, str(tmp_path / "none.safetensors"), ConvertOptions(t5xxl=True, calib_samples=0))
     assert none["learned"]["out_randn_tensors"] == 0
     assert all("out_randn" not in t for t in none["tensors"])
-    monkeypatch.setattr(rounding, "OUT_RANDN_CPU_FLOP", 0.0)
-    skipped = convert_file(t5_fp32, str(tmp_path / "skip.safetensors"), ConvertOptions(t5xxl=True))
+    skipped = convert_file(t5_fp32, str(tmp_path / "skip.safetensors"),
+                           ConvertOptions(t5xxl=True, calib_samples=2_000_000))
     assert skipped["learned"]["out_randn_tensors"] == 0
+    assert all("out_randn" not in t for t in skipped["tensors"])
     assert skipped["learned"]["out_randn_skipped"] == reports[0]["learned"]["out_randn_tensors"]
 
 
