@@ -33,7 +33,7 @@ FINISH = ["highly detailed photograph", "oil painting", "watercolor illustration
           "digital art, sharp focus", "soft pastel colors", "dramatic lighting", "wide angle shot"]
 
 
-def prompt_sets(n_calib: int = 48, n_held: int = 12, seed: int = 0) -> tuple[list[str], list[str]]:
+def prompt_sets(n_calib: int = 24, n_held: int = 8, seed: int = 0) -> tuple[list[str], list[str]]:
     """Calibration and held-out prompts: different sentences (no held-out prompt is a calibration prompt) of the
     same kind of text, as a user's own prompts are."""
     rng = random.Random(seed)
@@ -111,15 +111,16 @@ def test_t5_prompts_capture_calibrated_convert_beats_rtn_on_held_out_prompts(com
     calib, held = prompt_sets()
     clip = {"c": {"class_type": "CLIPLoader", "inputs": {"clip_name": t5_file, "type": "stable_audio"}}}
     capture = {"cap": {"class_type": "ScaledFP16CapturePrompts", "inputs": {
-        "clip": ["c", 0], "prompts": "\n".join(calib), "held_out_prompts": "\n".join(held[:4]),
+        "clip": ["c", 0], "prompts": "\n".join(calib), "held_out_prompts": "\n".join(held[:2]),
         "calib_samples": 100000, "output_name": "t5-e2e-prompts", "overwrite": True}}}
-    convert = graphs.convert(f"text_encoders/{t5_file}", "t5-e2e-calibrated", num_iter=256, t5xxl=True,
+    # num_iter 1: the calibrated GPTQ pass without its refinement sweeps (a third of the CPU time of the default)
+    convert = graphs.convert(f"text_encoders/{t5_file}", "t5-e2e-calibrated", num_iter=1, t5xxl=True,
                              node_id="cv")
     convert["cv"]["inputs"]["calibration_override"] = ["cap", 0]
     loader = {"1": {"class_type": "ScaledFP16CLIPLoader", "inputs": {
         "clip_name": t5_file, "type": "stable_audio", "clip_name_override": ["cv", 0]}}}
     comfy.free()
-    entry = comfy.run({**clip, **capture, **convert, **encode_all(loader, held, "t5cal")})
+    entry = comfy.run({**clip, **capture, **convert, **encode_all(loader, held, "t5cal")}, timeout=5400)
 
     # the capture wrote a calibration file the converter reads, whose layers resolve against the T5 file
     assert entry["outputs"]["cap"]["text"] == ["t5-e2e-prompts.safetensors"]
@@ -130,7 +131,7 @@ def test_t5_prompts_capture_calibrated_convert_beats_rtn_on_held_out_prompts(com
                    and "relative_attention_bias" not in k]  # an embedding, not a Linear layer
     unresolved = [k for k in linear_keys if cal.resolve(k) is None]
     assert linear_keys and not unresolved, unresolved[:5]
-    assert cal.source["sequences"] == len(calib) and cal.source["eval_sequences"] == 4
+    assert cal.source["sequences"] == len(calib) and cal.source["eval_sequences"] == 2
     assert all(g["fit_count"] > 0 and g["eval_count"] > 0 for g in cal.groups.values())
     assert not [f for f in os.listdir(os.path.dirname(cal_path)) if f.endswith((".tmp", ".partial"))]
 
