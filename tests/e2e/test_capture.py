@@ -149,10 +149,11 @@ def test_t5_prompts_capture_calibrated_convert_beats_rtn_on_held_out_prompts(com
     loader_rtn = {"1": {"class_type": "ScaledFP16CLIPLoader", "inputs": {
         "clip_name": t5_file, "type": "stable_audio", "clip_name_override": ["cv", 0]}}}
     comfy.free()
-    comfy.run({**rtn, **encode_all(loader_rtn, held, "t5rtn")})
+    comfy.run({**rtn, **encode_all(loader_rtn, held, "t5rtn")}, timeout=5400)
     comfy.free()
     comfy.run(encode_all({"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": t5_file,
-                                                                        "type": "stable_audio"}}}, held, "t5ref"))
+                                                                        "type": "stable_audio"}}}, held, "t5ref"),
+              timeout=5400)
     comfy.free()
     ref = conds(comfy, "t5ref", len(held))
     err_cal = rel_sum(zip(conds(comfy, "t5cal", len(held)), ref))
@@ -200,7 +201,7 @@ def test_flux_lora_sampling_capture_then_save_model_calibrated(comfy, flux_file)
             "calibration_override": ["cap", 0]}},
     }
     comfy.free()
-    entry = comfy.run(prompt)
+    entry = comfy.run(prompt, timeout=5400)
     cal = load_calibration(comfy.path("models", "scaled_fp16_calibration", "flux-e2e-sampling.safetensors"))
     recorded = {k.removesuffix(".weight") for k in cal.keys()}
     # the LoRA's layers are recorded (patched: rounded from float32); BF16 layers without a patch are exact in fp16
