@@ -44,6 +44,7 @@ def prompt_sets(n_calib: int = 24, n_held: int = 8, seed: int = 0) -> tuple[list
 
 def rel_sum(pairs) -> float:
     """Relative L2 over all prompts together: sqrt(sum ||a - b||^2 / sum ||b||^2)."""
+    pairs = list(pairs)
     num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in pairs)
     den = sum(float(b.float().pow(2).sum()) for _, b in pairs)
     return (num / den) ** 0.5
