@@ -7,13 +7,14 @@ import logging
 import sys
 
 from . import paths
+from .capture import ScaledFP16CapturePrompts, ScaledFP16CaptureSampling
 from .convert import ScaledFP16Convert
 from .loaders import (ScaledFP16CheckpointLoader, ScaledFP16CLIPLoader, ScaledFP16DualCLIPLoader,
                       ScaledFP16UNETLoader)
 from .save import ScaledFP16SaveCLIP, ScaledFP16SaveModel
 
 NODES = (ScaledFP16Convert, ScaledFP16SaveModel, ScaledFP16SaveCLIP, ScaledFP16UNETLoader, ScaledFP16CLIPLoader,
-         ScaledFP16DualCLIPLoader, ScaledFP16CheckpointLoader)
+         ScaledFP16DualCLIPLoader, ScaledFP16CheckpointLoader, ScaledFP16CapturePrompts, ScaledFP16CaptureSampling)
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.TITLE for cls in NODES}

@@ -52,14 +52,19 @@ def conversion_widgets(default_name: str = "") -> dict:
 
 
 def optional_widgets() -> dict:
-    return {name: option_widget(name) for name in OPTIONAL_WIDGETS}
+    # `calibration_override`: a socket (no widget, so no saved value) for a capture node's calibration name
+    return {**{name: option_widget(name) for name in OPTIONAL_WIDGETS},
+            "calibration_override": ("STRING", {"forceInput": True, "tooltip":
+                                     "A calibration file name linked from a capture node; wins over the "
+                                     "calibration dropdown."})}
 
 
-def conversion_options(widgets: dict, **overrides) -> ConvertOptions:
+def conversion_options(widgets: dict, part: str | None = None, **overrides) -> ConvertOptions:
     """A converting node's widget values (by name; `output_name` and other inputs are not settings) as converter
     settings, computed on ComfyUI's device (the CPU under --cpu). `overrides` replace single settings."""
     settings = {name: widgets[name] for name in OPTION_WIDGETS if name not in OPTIONAL_WIDGETS}
-    settings["calibration"] = paths.calibration_path(widgets.get("calibration"))
+    settings["calibration"] = paths.calibration_path(
+        paths.linked_calibration(widgets.get("calibration"), widgets.get("calibration_override"), part))
     device = comfy.model_management.get_torch_device()
     return ConvertOptions(**{**settings, **overrides}, device=str(device) if device.type in ("cpu", "cuda") else "cpu")
 

@@ -29,7 +29,8 @@ class ScaledFP16Convert(ConvertingNode):
                            "same, the converted file is reused, not redone."})})
 
     @classmethod
-    def IS_CHANGED(cls, model, output_name="", keep_distillation=False, calibration=paths.NO_CALIBRATION, **_):
+    def IS_CHANGED(cls, model, output_name="", keep_distillation=False, calibration=paths.NO_CALIBRATION,
+                   calibration_override=None, **_):
         """The source's and the output's size and mtime: stable while neither changes (a re-run then reuses the
         up-to-date file at once); a new source or a deleted output runs the node again. Never raises: a bad
         choice is reported by the node itself, once."""
@@ -38,7 +39,7 @@ class ScaledFP16Convert(ConvertingNode):
             target = paths.checked_output_name(output_name.strip() or default_output_path(name, keep_distillation))
             saved = os.path.join(paths.output_folder(kind), *target.split("/"))
             signature = paths.file_signature(paths.full_path(kind, name))
-            calib = paths.calibration_path(calibration)
+            calib = paths.calibration_path(paths.linked_calibration(calibration, calibration_override))
         except Exception as e:  # noqa: BLE001
             return f"unusable: {e}"
         out = paths.file_signature(saved) if os.path.exists(saved) else "absent"

@@ -81,6 +81,22 @@ def calibration_path(choice: str | None) -> str | None:
     return path
 
 
+def linked_calibration(choice: str | None, override: str | None = None, part: str | None = None) -> str | None:
+    """The calibration a converting node uses: a linked name (a capture node's output) wins over the dropdown. A
+    capture of a CLIP with several encoders links `a_clip_l.safetensors, a_t5xxl.safetensors`: each part of Save CLIP
+    (`part`: the encoder) takes the one named after it."""
+    names = [n.strip() for n in (override or "").split(",") if n.strip()]
+    if not names:
+        return choice
+    if len(names) == 1:
+        return names[0]
+    mine = [n for n in names if part and n.removesuffix(SAFETENSORS).endswith("_" + part)]
+    if len(mine) == 1:
+        return mine[0]
+    raise SourceError(f"the linked calibration names {len(names)} files ({', '.join(names)}) and none is for "
+                      f"{part or 'this model'}; capture from a CLIP with this encoder alone, or pick one file")
+
+
 def loader_name(kind: str, widget_value: str, override: str | None) -> str:
     """The file a loader should open: a linked name (e.g. from the converter) wins over the dropdown.
 

@@ -32,7 +32,8 @@ def save_graph_model(parts: list[tuple[str, list[GraphTensor]]], kind: str, outp
             if len(parts) > 1:
                 name = f"{name.removesuffix(paths.SAFETENSORS)}_{suffix}"
             dst, saved_name = paths.output_path(kind, name, widgets["overwrite"])
-            options = conversion_options(widgets, t5xxl=widgets["t5xxl"] and (len(parts) == 1 or suffix in T5_ENCODERS))
+            options = conversion_options(widgets, part=suffix,
+                                         t5xxl=widgets["t5xxl"] and (len(parts) == 1 or suffix in T5_ENCODERS))
             if not tensors:
                 raise ConversionError(f"{saved_name}: the {suffix} part of the graph model has no weights")
             source = graph_source(tensors, f"ComfyUI graph ({suffix})")

@@ -20,7 +20,8 @@ from quant_core.demo import write_model
 stand_ins = load_stand_ins()
 
 NODE_TYPES = ["ScaledFP16Convert", "ScaledFP16SaveModel", "ScaledFP16SaveCLIP", "ScaledFP16UNETLoader",
-              "ScaledFP16CLIPLoader", "ScaledFP16DualCLIPLoader", "ScaledFP16CheckpointLoader"]
+              "ScaledFP16CLIPLoader", "ScaledFP16DualCLIPLoader", "ScaledFP16CheckpointLoader",
+              "ScaledFP16CapturePrompts", "ScaledFP16CaptureSampling"]
 CONVERT_WIDGETS = ["num_iter", "top_k", "calib_samples", "t5xxl", "keep_distillation", "output_name", "overwrite"]
 
 
@@ -73,7 +74,7 @@ def test_converting_nodes_share_widgets_in_saved_workflow_order(comfy):
                         ("ScaledFP16SaveCLIP", "clip")):
         spec = pack.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
         assert list(spec["required"]) == [first] + CONVERT_WIDGETS
-        assert list(spec["optional"]) == ["calibration"]  # appended only, never inserted
+        assert list(spec["optional"]) == ["calibration", "calibration_override"]  # appended only, never inserted
         assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
         defaults = {k: v[1]["default"] for k, v in spec["required"].items() if k in CONVERT_WIDGETS}
         assert defaults["num_iter"] == 256 and defaults["top_k"] == 1 and defaults["calib_samples"] == 3072

@@ -184,7 +184,26 @@ def install(base_dir: str) -> tuple[types.ModuleType, Recorder]:
             return {"required": {"clip_name1": ([],), "clip_name2": ([],), "type": (["sdxl", "sd3", "flux"],)},
                     "optional": {"device": (["default", "cpu"], {"advanced": True})}}
 
-    stock.CLIPLoader, stock.DualCLIPLoader = CLIPLoader, DualCLIPLoader
+    class KSampler:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",), "seed": ("INT", {"default": 0}), "steps": ("INT", {"default": 20}),
+                                 "cfg": ("FLOAT", {"default": 8.0}), "sampler_name": (["euler"],),
+                                 "scheduler": (["simple"],), "positive": ("CONDITIONING",),
+                                 "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
+                                 "denoise": ("FLOAT", {"default": 1.0})}}
+
+    def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0):
+        """Stand-in sampler: `steps` calls of the model's diffusion_model on the latent's samples."""
+        x = latent["samples"]
+        for _ in range(steps):
+            x = model.model.diffusion_model(x)
+            mm.throw_exception_if_processing_interrupted()
+        return ({**latent, "samples": x},)
+
+    stock.CLIPLoader, stock.DualCLIPLoader, stock.KSampler = CLIPLoader, DualCLIPLoader, KSampler
+    stock.common_ksampler = common_ksampler
+    mm.load_models_gpu = lambda models, *a, **k: None
 
     for name, mod in (("folder_paths", fp), ("comfy", comfy), ("comfy.sd", sd), ("comfy.utils", utils),
                       ("comfy.model_management", mm), ("comfy.lora", lora), ("server", server), ("nodes", stock)):

@@ -46,8 +46,10 @@ class ComfyServer:
     # --- lifecycle --------------------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, comfy_dir: str, base_dir: str, port: int | None = None, timeout: float = 180) -> "ComfyServer":
-        """Start ComfyUI on the CPU with this pack and the test pack linked into base_dir/custom_nodes."""
+    def start(cls, comfy_dir: str, base_dir: str, port: int | None = None, timeout: float = 180,
+              extra_args: tuple[str, ...] = ()) -> "ComfyServer":
+        """Start ComfyUI on the CPU with this pack and the test pack linked into base_dir/custom_nodes;
+        `extra_args`: more ComfyUI command-line flags."""
         port = port or free_port()
         custom = os.path.join(base_dir, "custom_nodes")
         os.makedirs(custom, exist_ok=True)
@@ -61,7 +63,7 @@ class ComfyServer:
         log_path = os.path.join(base_dir, "server.log")
         log = open(log_path, "a")  # appended: a restarted server keeps the log of the first run
         proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                 "--base-directory", base_dir, "--disable-auto-launch"],
+                                 "--base-directory", base_dir, "--disable-auto-launch", *extra_args],
                                 cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         server = cls(f"http://127.0.0.1:{port}", base_dir, proc, log_path)
         server.comfy_dir = comfy_dir

@@ -88,12 +88,14 @@ def info(comfy):
     return comfy.object_info()
 
 
-def test_three_example_workflows_with_readable_titles_thumbnails_and_notes():
+def test_example_workflows_with_readable_titles_thumbnails_and_notes():
     """The template browser shows a pack's workflow file names as titles and `<name>.jpg` as thumbnails."""
     names = [os.path.splitext(os.path.basename(w))[0] for w in WORKFLOWS]
     assert names == ["1. Convert a FLUX model to scaled FP16, load it and sample",
                      "2. Convert a T5XXL text encoder and load it beside CLIP-L",
-                     "3. Apply a LoRA and save the model as scaled FP16"]
+                     "3. Apply a LoRA and save the model as scaled FP16",
+                     "4. Calibrate T5XXL on your prompts, convert it and load it beside CLIP-L",
+                     "5. Apply a LoRA, calibrate on a sampling run and save the model as scaled FP16"]
     for path, name in zip(WORKFLOWS, names):
         thumb = os.path.splitext(path)[0] + ".jpg"
         with open(thumb, "rb") as f:

@@ -356,3 +356,23 @@ def test_loaded_templates_show_their_note_and_the_converter_title(templates):
         assert wf["noteText"].startswith("Files this workflow expects"), name
         assert wf["noteTitle"]["visible"], (name, wf["noteTitle"])
         assert wf["converterTitle"]["visible"], (name, wf["converterTitle"])  # not under the tab bar/breadcrumb
+
+
+def test_capture_outputs_link_into_calibration_override(server, tmp_path):
+    """capture_link.mjs: in the real frontend, each capture node's `calibration` output links into the converting
+    nodes' `calibration_override` (a LATENT is refused there), and the Queue button's serialisation carries the
+    link."""
+    out = os.environ.get("FP16LR_WEB_ARTIFACTS") or str(tmp_path)
+    p = subprocess.run(["node", os.path.join(HERE, "capture_link.mjs"), "--url", server.url, "--out", out], cwd=HERE,
+                       capture_output=True, text=True, timeout=600)
+    path = os.path.join(out, "capture_link.json")
+    assert p.returncode == 0 and os.path.exists(path), f"capture_link.mjs failed:\n{p.stdout}\n{p.stderr}"
+    with open(path) as f:
+        r = json.load(f)
+    assert all(s["inputType"] == "STRING" for s in r["slots"]), r["slots"]
+    assert r["promptsToConvert"] and r["promptsToSaveClip"] and r["samplingToSaveModel"] and r["latentRefused"], r
+    ids, ser = r["ids"], r["serialised"]
+    assert ser[ids["convert"]]["calibration_override"] == [ids["prompts"], 0]
+    assert ser[ids["saveClip"]]["calibration_override"] == [ids["prompts"], 0]
+    assert ser[ids["saveModel"]]["calibration_override"] == [ids["sampling"], 0]
+    assert not [e for e in r["errors"] if re.search(r"fp16lr|scaled.fp16", e, re.I)], r["errors"]

@@ -1,0 +1,251 @@
+"""Glue tests of the capture nodes over stand-in ComfyUI modules (tests/comfy_test_pack/stand_ins.py): real torch
+modules with ComfyUI's shapes of a CLIP and a MODEL, real calibration files read back by the converter's reader.
+The real servers are exercised by tests/e2e/test_capture.py."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import load_stand_ins
+from quant_core.calibration import load_calibration
+
+stand_ins = load_stand_ins("fp16lr_stand_ins_capture")
+
+
+@pytest.fixture
+def comfy(tmp_path):
+    pack, rec = stand_ins.install(str(tmp_path))
+    pack.base = str(tmp_path)
+    yield pack, rec
+    stand_ins.uninstall()
+
+
+def calib_dir(base):
+    return os.path.join(base, "models", "scaled_fp16_calibration")
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k, self.o = torch.nn.Linear(d, d), torch.nn.Linear(d, d), torch.nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        return x + self.o(torch.tanh(self.q(x) * self.k(x)))
+
+
+class Transformer(torch.nn.Module):
+    """Called as ComfyUI's SDClipModel calls its transformer: (None, attention mask or None, embeds=...)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(Block(d), Block(d))
+
+    def forward(self, input_ids, attention_mask, embeds=None, **kwargs):
+        return (self.encoder(embeds),)
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self, d, masked):
+        super().__init__()
+        self.transformer = Transformer(d)
+        self.enable_attention_masks = self.zero_out_masked = masked
+        self.d = d
+
+    def forward(self, tokens):
+        ids = torch.tensor(tokens, dtype=torch.long)
+        embeds = torch.sin(ids[..., None].float() * torch.arange(1, self.d + 1))
+        mask = (ids != 0).long()
+        return self.transformer(None, mask if self.enable_attention_masks else None, embeds=embeds)
+
+
+class Patcher:
+    def __init__(self, model, patches=None):
+        self.model, self.patches = model, patches or {}
+
+    def model_state_dict(self, prefix=None):
+        return self.model.state_dict()
+
+
+class FakeCLIP:
+    """Two encoders like FLUX's clip_l + t5xxl; each word becomes a token id, padded with 0 to 8 tokens."""
+
+    def __init__(self, masked=True):
+        self.cond_stage_model = torch.nn.Module()
+        self.cond_stage_model.clip_l = Encoder(8, masked=False)
+        self.cond_stage_model.t5xxl = Encoder(12, masked=masked)
+        self.patcher = Patcher(self.cond_stage_model)
+        self.calls = 0
+
+    def tokenize(self, text):
+        ids = [sum(map(ord, w)) % 97 + 1 for w in text.split()][:8]
+        return [ids + [0] * (8 - len(ids))]
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        self.calls += 1
+        return [m(tokens) for m in (self.cond_stage_model.clip_l, self.cond_stage_model.t5xxl)]
+
+
+def capture_prompts(pack, clip, prompts, name="cal", held="", overwrite=True, rows=4096):
+    node = pack.NODE_CLASS_MAPPINGS["ScaledFP16CapturePrompts"]()
+    return node.capture(clip, prompts, rows, name, overwrite, held_out_prompts=held, unique_id="7")
+
+
+PROMPTS = "\n".join(f"thing {i} in snow" for i in range(10))
+
+
+def test_prompts_capture_writes_one_file_per_encoder_with_fit_and_held_out_halves(comfy):
+    pack, rec = comfy
+    clip = FakeCLIP()
+    out = capture_prompts(pack, clip, PROMPTS + "\n\n", held="a cat on a mat\na dog in a fog")
+    assert out["result"] == ("cal_clip_l.safetensors, cal_t5xxl.safetensors",)
+    assert rec.progress[-1] == (12, 12, "7") and clip.calls == 12
+    t5 = load_calibration(os.path.join(calib_dir(pack.base), "cal_t5xxl.safetensors"))
+    # q and k read the same tensor: one group; o its own
+    assert t5.layers["transformer.encoder.0.q.weight"]["group"] == t5.layers["transformer.encoder.0.k.weight"]["group"]
+    assert t5.layers["transformer.encoder.0.o.weight"]["has_bias"] is False
+    g = t5.groups[t5.layers["transformer.encoder.0.q.weight"]["group"]]
+    # padding is masked and zeroed in this encoder: only the 4 real tokens of each prompt count
+    assert g["count"] == 40 and g["fit_count"] == 20 and g["eval_count"] == 10
+    clip_l = load_calibration(os.path.join(calib_dir(pack.base), "cal_clip_l.safetensors"))
+    g = clip_l.groups[clip_l.layers["transformer.encoder.1.q.weight"]["group"]]
+    assert g["count"] == 80  # no attention mask: every computed row, padding included
+    # names resolve against checkpoint keys with or without the transformer prefix
+    assert t5.resolve("encoder.1.o.weight") == "transformer.encoder.1.o.weight"
+    assert t5.resolve("text_encoders.t5xxl.transformer.encoder.1.q.weight") == "transformer.encoder.1.q.weight"
+
+
+def test_prompts_capture_means_match_the_inputs(comfy):
+    pack, _ = comfy
+    clip = FakeCLIP()
+    capture_prompts(pack, clip, PROMPTS)
+    rows = []
+    enc = clip.cond_stage_model.t5xxl
+    h = enc.transformer.encoder[0].q.register_forward_pre_hook(lambda m, a: rows.append(a[0][a[0].abs().sum(-1) > 0]))
+    try:
+        for line in PROMPTS.splitlines():
+            enc(clip.tokenize(line))
+    finally:
+        h.remove()
+    x = torch.cat([r.reshape(-1, 12) for r in rows]).double()
+    cal = load_calibration(os.path.join(calib_dir(pack.base), "cal_t5xxl.safetensors")).get("encoder.0.q.weight")
+    assert torch.allclose(cal.mean.double(), x.mean(0), atol=1e-5)
+    assert torch.allclose(cal.gram.double(), x.T @ x / x.shape[0], atol=1e-5)
+
+
+def test_rows_per_layer_are_capped_and_spread(comfy):
+    pack, _ = comfy
+    capture_prompts(pack, FakeCLIP(), PROMPTS, rows=20)
+    cal = load_calibration(os.path.join(calib_dir(pack.base), "cal_t5xxl.safetensors"))
+    assert all(g["count"] <= 20 for g in cal.groups.values())
+    assert all(g["fit_count"] > 0 and g["count"] - g["fit_count"] > 0 for g in cal.groups.values())
+
+
+def test_cancel_and_failure_leave_no_file(comfy):
+    pack, rec = comfy
+    rec.interrupt_after = 3
+    with pytest.raises(Exception) as e:
+        capture_prompts(pack, FakeCLIP(), PROMPTS)
+    assert type(e.value).__name__ == "InterruptProcessingException"
+    assert not os.listdir(calib_dir(pack.base))
+    rec.interrupt_after = None
+    clip = FakeCLIP()
+    clip.encode_from_tokens = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        capture_prompts(pack, clip, PROMPTS)
+    assert not os.listdir(calib_dir(pack.base))
+    # and the hooks are gone: a later forward records nothing
+    assert not clip.cond_stage_model.t5xxl.transformer.encoder[0].q._forward_pre_hooks
+
+
+def test_bad_inputs_are_one_line_user_errors(comfy):
+    pack, _ = comfy
+    with pytest.raises(Exception, match="no prompts"):
+        capture_prompts(pack, FakeCLIP(), " \n\n")
+    with pytest.raises(Exception, match="no CLIP"):
+        capture_prompts(pack, None, PROMPTS)
+    with pytest.raises(Exception, match="outside|'..'"):
+        capture_prompts(pack, FakeCLIP(), PROMPTS, name="../x")
+    capture_prompts(pack, FakeCLIP(), PROMPTS, name="same")
+    with pytest.raises(Exception, match="already exists"):
+        capture_prompts(pack, FakeCLIP(), PROMPTS, name="same", overwrite=False)
+
+
+# --- sampling --------------------------------------------------------------------------------------------------
+
+class Diffusion(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.img_in = torch.nn.Linear(4, 6)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)])
+        self.out = torch.nn.Linear(6, 4)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g).to(torch.bfloat16).float())
+            self.blocks[1].weight.add_(1e-5)  # not exact in fp16
+
+    def forward(self, x):
+        h = self.img_in(x)
+        for b in self.blocks:
+            h = h + torch.tanh(b(h))
+        return x - 0.1 * self.out(h)
+
+
+class FakeModel:
+    def __init__(self):
+        self.model = torch.nn.Module()
+        self.model.diffusion_model = Diffusion()
+        self.patches = {"diffusion_model.out.weight": [(1.0, torch.zeros(4, 6))]}
+
+
+def capture_sampling(pack, model, steps=4, name="samp", rows=4096):
+    node = pack.NODE_CLASS_MAPPINGS["ScaledFP16CaptureSampling"]()
+    latent = {"samples": torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(1))}
+    return node.capture(model, 0, steps, 1.0, "euler", "simple", "pos", "neg", latent, 1.0, rows, name, True,
+                        unique_id="3")
+
+
+def test_sampling_capture_records_layers_to_round_and_returns_the_latent(comfy):
+    pack, _ = comfy
+    model = FakeModel()
+    out = capture_sampling(pack, model)
+    name, latent = out["result"]
+    assert name == "samp.safetensors" and latent["samples"].shape == (1, 5, 4)
+    cal = load_calibration(os.path.join(calib_dir(pack.base), name))
+    # blocks.1: not exact in fp16; out: patched (a LoRA); img_in and blocks.0 hold bf16 values: nothing to round
+    assert sorted(cal.keys()) == ["blocks.1.weight", "out.weight"]
+    assert cal.source["model_calls"] == 4 and cal.source["layers_recorded"] == 2
+    assert cal.source["layers_total"] == 4
+    g = cal.groups[cal.layers["out.weight"]["group"]]
+    assert g["count"] == 20 and g["fit_count"] == 10
+    assert cal.resolve("model.diffusion_model.blocks.1.weight") == "blocks.1.weight"
+    assert not model.model.diffusion_model._forward_pre_hooks and not model.model.diffusion_model.out._forward_pre_hooks
+
+
+def test_sampling_capture_with_nothing_to_round_writes_nothing(comfy):
+    pack, _ = comfy
+    model = FakeModel()
+    model.patches = {}
+    with torch.no_grad():
+        model.model.diffusion_model.blocks[1].weight.sub_(1e-5).copy_(
+            model.model.diffusion_model.blocks[1].weight.to(torch.bfloat16).float())
+    with pytest.raises(Exception, match="nothing to round|anything to round"):
+        capture_sampling(pack, model)
+    assert not os.listdir(calib_dir(pack.base))
+
+
+# --- linking into the converting nodes -------------------------------------------------------------------------
+
+def test_linked_calibration_wins_and_each_encoder_takes_its_own(comfy):
+    pack, _ = comfy
+    paths = pack.nodes.paths if hasattr(pack, "nodes") else __import__(pack.__name__ + ".nodes.paths",
+                                                                          fromlist=["x"])
+    assert paths.linked_calibration("drop.safetensors", None) == "drop.safetensors"
+    assert paths.linked_calibration("drop.safetensors", " a.safetensors ") == "a.safetensors"
+    both = "c_clip_l.safetensors, c_t5xxl.safetensors"
+    assert paths.linked_calibration("none", both, "t5xxl") == "c_t5xxl.safetensors"
+    assert paths.linked_calibration("none", both, "clip_l") == "c_clip_l.safetensors"
+    with pytest.raises(Exception, match="names 2 files"):
+        paths.linked_calibration("none", both)
