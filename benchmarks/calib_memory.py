@@ -149,7 +149,8 @@ def run_capture(model: str, steps: int, budget: int, device: str, t5_tokens: int
     return res
 
 
-def run_gptq(shape: str, rows: int | None, tokens: int, device: str, out_dir: str) -> dict:
+def run_gptq(shape: str, rows: int | None, tokens: int, device: str, out_dir: str, build_on_device: bool = False
+             ) -> dict:
     from quant_core.calibration import load_calibration
     from quant_core.rounding import round_to_fp16
 
@@ -175,7 +176,7 @@ def run_gptq(shape: str, rows: int | None, tokens: int, device: str, out_dir: st
         torch.cuda.reset_peak_memory_stats()
     rss0 = peak_rss_gb()
     t0 = time.perf_counter()
-    cal = load_calibration(path).get("layer.weight")
+    cal = load_calibration(path, device=device if build_on_device else None).get("layer.weight")
     r = round_to_fp16(weight, top_k=1, num_iter=256, calibration=cal)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -197,14 +198,15 @@ def child(args) -> int:
         if args.child == "capture":
             res = run_capture(args.model, args.steps, args.budget, args.device, args.t5_tokens, d, args.limit_groups)
         else:
-            res = run_gptq(args.shape, None if args.rows == 0 else args.rows, args.tokens, args.device, d)
+            res = run_gptq(args.shape, None if args.rows == 0 else args.rows, args.tokens, args.device, d,
+                           args.build_on_device)
     print("RESULT " + json.dumps(res))
     return 0
 
 
 def spawn(extra: list[str], args) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--budget", str(args.budget),
-           "--tmp", args.tmp or tempfile.gettempdir(), *extra]
+           "--tmp", args.tmp or tempfile.gettempdir(), *extra] + (["--build-on-device"] if args.build_on_device else [])
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # progress lines go straight to stderr
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -224,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--gptq-rows", type=int, help="sketch rows for the gptq part (default: what the FLUX budget allows)")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET_BYTES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--build-on-device", action="store_true",
+                   help="gptq: load_calibration(device=...): the [in, in] matrices are built on the device")
     p.add_argument("--limit-groups", type=int, help="capture only the first N groups (a smoke run)")
     p.add_argument("--tmp", help="folder for the files written (default: the system's temp folder)")
     p.add_argument("--child", choices=["capture", "gptq"], help=argparse.SUPPRESS)

@@ -1,23 +1,31 @@
 """Calibration statistics: the real inputs each Linear layer sees, summarised, and the bias correction they allow.
 
-File format (safetensors, written by `python -m quant_core capture` or `CalibrationWriter`):
+File format (safetensors, written by `python -m quant_core capture` or `CalibrationWriter`), version 3:
 
-- per *input group* g (layers that read the same tensor, e.g. q/k/v projections, share one group):
-  ``g.mean`` float32 [in] = E[x], ``g.gram`` float32 [in, in] = E[x x^T] over all calibration tokens;
-  ``g.fit_mean`` / ``g.fit_gram``: the same over the even-numbered calibration sequences only (version 2), so that
-  the converter can round on one half and measure on the other (the odd half's statistics follow from the two);
-  optionally ``g.eval_mean`` / ``g.eval_gram`` from a disjoint held-out text set (used only for reporting);
-- metadata ``fp16lr_calibration`` (JSON): ``{"version": 2, "layers": {weight_key: {"group": g, "has_bias": bool}},
-  "groups": {g: {"in_features": int, "count": tokens, "fit_count": tokens, "eval_count": tokens or 0}},
-  "source": {...}}``.
+- per *input group* g (layers that read the same tensor, e.g. q/k/v projections, share one group) and per *part*
+  p: ``fit`` (the even-numbered calibration sequences), ``rest`` (the others) and optionally ``eval`` (a disjoint
+  held-out text set, used only for reporting):
+  ``g.p_mean`` float32 [in] = E[x], ``g.p_diag`` float32 [in] = E[x*x] (exact), and either
+  ``g.p_gram`` float32 [in, in] = E[x x^T] (exact: when the rows kept per layer reach the input width) or
+  ``g.p_sketch`` float32 [r <= rows, in], a Frequent-Directions sketch S with S^T S ~ E[x x^T]
+  (see sketch.py: E[x x^T] - S^T S is positive semi-definite with spectral norm at most the recorded bound); the
+  second moment used is S^T S with its diagonal replaced by the exact one;
+- metadata ``fp16lr_calibration`` (JSON): ``{"version": 3, "layers": {weight_key: {"group": g, "has_bias": bool}},
+  "groups": {g: {"in_features": int, "count": fit + rest tokens, "fit_count", "rest_count", "eval_count",
+  "rows": {p: rows held}, "exact": {p: bool}, "error_bound": {p: bound on ||E[x x^T] - estimate||_2}}},
+  "statistics": {"rows_requested", "rows", "budget_bytes", "notes"}, "source": {...}}``.
 
-Version 1 files (no fit half) are still read: their layers are rounded without the held-out check, and the report
-says that its figure is measured on the calibration tokens themselves. Other versions are refused.
+The file holds at most `rows` x in floats per group and part, so its size (like the writer's memory) is bounded by
+the budget the writer was given, never by the amount of text or by in^2. The [in, in] matrices are built on first
+use, one group at a time (on the device given to `load_calibration`).
 
-The Gram matrix is a sufficient statistic for E||(Q - W) x||^2, so the file size is bounded by the layer widths
-(8 * in^2 bytes per group, in float32), never by the amount of text. Tensors are read lazily, one group at a time.
-Every problem with a file (not safetensors, no or broken metadata, a missing or misshapen tensor, NaN or infinite
-statistics) raises `CalibrationError`: one line naming the file and, where there is one, the tensor.
+Version 2 files (``g.mean``/``g.gram`` over all tokens, ``g.fit_mean``/``g.fit_gram`` over the fit half, optional
+``g.eval_*``; the other half derived from the totals) and version 1 files (no fit half: rounded without the held-out
+check, the report says its figure is in-sample) are read as before. Other versions are refused.
+
+Tensors are read lazily, one group at a time. Every problem with a file (not safetensors, no or broken metadata, a
+missing or misshapen tensor, NaN or infinite statistics, counts that do not add up) raises `CalibrationError`: one
+line naming the file and, where there is one, the tensor.
 """
 
 from __future__ import annotations
@@ -61,13 +69,14 @@ class LayerCalibration:
     def __init__(self, weight_key: str, mean: torch.Tensor, gram: torch.Tensor | None, count: int, has_bias: bool,
                  eval_mean: torch.Tensor | None = None, eval_gram: torch.Tensor | None = None, eval_count: int = 0,
                  fit_mean: torch.Tensor | None = None, fit_gram: torch.Tensor | None = None, fit_count: int = 0,
-                 parts: dict | None = None, cache: dict | None = None):
+                 parts: dict | None = None, cache: dict | None = None, device=None):
         self.weight_key = weight_key
         self.mean, self._gram, self.count, self.has_bias = mean, gram, count, has_bias
         self.eval_mean, self._eval_gram, self.eval_count = eval_mean, eval_gram, eval_count
         self.fit_mean, self._fit_gram, self.fit_count = fit_mean, fit_gram, fit_count
         self._parts = parts or {}  # version 3: {"fit"|"rest"|"eval": _Part}
         self._cache = cache if cache is not None else {}
+        self._device = device  # where version 3 matrices are built (None: the CPU)
 
     def __repr__(self) -> str:
         return f"LayerCalibration({self.weight_key!r}, in={self.in_features}, count={self.count})"
@@ -81,7 +90,8 @@ class LayerCalibration:
         """The statistics are compact (version 3 sketches): the [in, in] matrices are estimates."""
         return any(p.sketch is not None for p in self._parts.values())
 
-    def _built(self, which: str, device=None) -> torch.Tensor | None:
+    def _built(self, which: str) -> torch.Tensor | None:
+        device = self._device
         names = ("fit", "rest") if which == "all" else (which,)
         parts = [self._parts[n] for n in names if n in self._parts]
         if not parts:
@@ -129,7 +139,8 @@ class LayerCalibration:
         statistics (means float64, matrices float32, built here and not kept)."""
         if self._parts and self._fit_gram is None:
             f, r = self._parts["fit"], self._parts["rest"]
-            return ((f.mean.double(), _build_second_moment([f])), (r.mean.double(), _build_second_moment([r])))
+            return ((f.mean.double(), _build_second_moment([f], self._device)),
+                    (r.mean.double(), _build_second_moment([r], self._device)))
         n, nf = self.count, self.fit_count
         fm, fg = self.fit_mean.double(), self.fit_gram.double()
         rm = (n * self.mean.double() - nf * fm) / (n - nf)
@@ -140,7 +151,8 @@ class LayerCalibration:
         """E[x x^T] (or the covariance E[(x - mu)(x - mu)^T] if `centered`) as float64 [in, in] (built on `device`
         from a version 3 file's statistics)."""
         if self._parts and self._gram is None:
-            g = _build_second_moment([self._parts[n] for n in ("fit", "rest") if n in self._parts], device)
+            g = _build_second_moment([self._parts[n] for n in ("fit", "rest") if n in self._parts],
+                                     device if device is not None else self._device)
         else:
             g = self.gram
         g = g.to(device=device, dtype=torch.float64)
@@ -187,10 +199,11 @@ def _meta_error(path: str, what: str) -> CalibrationError:
 class CalibrationSet:
     """A calibration file opened for lookups by checkpoint weight key. Reads tensors on demand."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, device=None):
         from safetensors import safe_open
 
         self.path = path
+        self.device = device  # version 3: build the [in, in] matrices there (the device the rounding runs on)
         try:
             self._file = safe_open(path, "pt")
             meta = self._file.metadata() or {}
@@ -317,7 +330,7 @@ class CalibrationSet:
                                 eval_mean=ev.mean if ev else None, eval_count=ev.count if ev else 0,
                                 fit_mean=parts["fit"].mean if "fit" in parts else None,
                                 fit_count=parts["fit"].count if "fit" in parts and "rest" in parts else 0,
-                                parts=parts, cache=self._built)
+                                parts=parts, cache=self._built, device=self.device)
 
     def keys(self) -> list[str]:
         return list(self.layers)
@@ -363,8 +376,10 @@ class CalibrationSet:
                                 fit_count=int(info.get("fit_count", 0)) if "fit_gram" in t else 0)
 
 
-def load_calibration(path: str) -> CalibrationSet:
-    """Open a calibration file; `CalibrationError` (one line naming the file) for anything unusable."""
+def load_calibration(path: str, device=None) -> CalibrationSet:
+    """Open a calibration file; `CalibrationError` (one line naming the file) for anything unusable. `device`: where
+    a version 3 file's [in, in] matrices are built (None: the CPU; give the rounding's device to keep them out of
+    host memory)."""
     if not os.path.exists(path):
         raise CalibrationError(f"{path}: calibration file not found")
     if not os.path.isfile(path):
@@ -377,7 +392,7 @@ def load_calibration(path: str) -> CalibrationSet:
         raise CalibrationError(f"{path}: empty file, not a calibration file")
     if not os.access(path, os.R_OK):
         raise CalibrationError(f"{path}: cannot be read (permission denied)")
-    return CalibrationSet(path)
+    return CalibrationSet(path, device)
 
 
 def bias_correction(q_deq: torch.Tensor, w: torch.Tensor, layer_calibration: LayerCalibration) -> torch.Tensor:

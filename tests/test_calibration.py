@@ -133,7 +133,7 @@ def test_report_of_a_calibrated_conversion(converted, calibration_files):
 
 def test_capture_file_format(calibration_files):
     cs = load_calibration(calibration_files["prose"])
-    assert cs.version == 2 and len(cs.keys()) == 37  # 36 encoder layers + pooler
+    assert cs.version == 3 and len(cs.keys()) == 37  # 36 encoder layers + pooler
     q = cs.layers["encoder.layer.0.attention.self.query.weight"]
     # q, k and v read the same tensor: one shared group
     assert cs.layers["encoder.layer.0.attention.self.key.weight"]["group"] == q["group"]
