@@ -281,7 +281,8 @@ class CalibrationSet:
             for stat in ("mean", "diag"):
                 self._check_tensor(path, f"{g}.{part}_{stat}", names, lambda s: s == [n], [n])
             gram, sketch = f"{g}.{part}_gram", f"{g}.{part}_sketch"
-            if gram in names:
+            rows = ginfo.get("rows")
+            if gram in names or (sketch not in names and isinstance(rows, dict) and rows.get(part) == n):
                 self._check_tensor(path, gram, names, lambda s: s == [n, n], [n, n])
             else:
                 self._check_tensor(path, sketch, names, lambda s: len(s) == 2 and 0 < s[0] <= n and s[1] == n,
