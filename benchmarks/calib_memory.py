@@ -250,7 +250,8 @@ def main(argv=None) -> int:
             if r:
                 print(f"  {model}: {r['groups']} groups, {r['rows']} rows per layer; per step {r['step_s']} s; "
                       f"file {r['file_gb']:.2f} GB written in {r['save_s']:.1f} s; statistics held "
-                      f"{r['held_gb']:.2f} GB; peak RSS {r['peak_rss_gb']:.2f} GB ({r['rss_before_gb']:.2f} before); peak device memory "
+                      f"{r['held_gb']:.2f} GB; peak RSS {r['peak_rss_gb']:.2f} GB ({r['rss_before_gb']:.2f} before); "
+                      f"peak device memory "
                       f"{r.get('peak_vram_gb', float('nan')):.2f} GB", flush=True)
                 for line in r["notes"]:
                     print(f"    note: {line}")

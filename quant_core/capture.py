@@ -3,8 +3,9 @@
     python -m quant_core capture --model DIR --text calib.txt [--eval-text heldout.txt] --output calib.safetensors
 
 Every ``torch.nn.Linear`` of the model gets a forward pre-hook that adds its input rows (padding excluded) to the
-bounded-memory statistics of `calibration.CalibrationWriter` (``--rows`` per layer within ``--budget-gb``); layers that read the very same tensor (q/k/v projections) share
-one group. Each non-empty line of a text file is one sequence (truncated to --max-length tokens); the
+bounded-memory statistics of `calibration.CalibrationWriter` (``--rows`` per layer within ``--budget-gb``);
+layers that read the very same tensor (q/k/v projections) share one group. Each non-empty line of a text file is
+one sequence (truncated to --max-length tokens); the
 even-numbered sequences also go into the fit half (see calibration.py). The model loads offline from a local folder
 and only from safetensors weights (a pickled ``pytorch_model.bin`` is never loaded); transformers is imported only
 here.
