@@ -46,7 +46,8 @@ _STATS = ("mean", "gram", "fit_mean", "fit_gram", "eval_mean", "eval_gram")
 _PARTS = ("fit", "rest", "eval")
 _PART_COUNT = {"fit": "fit_count", "rest": "rest_count", "eval": "eval_count"}
 DEFAULT_ROWS = 3072  # rows (directions) kept per group and part; at or above the input width the statistics are exact
-DEFAULT_BUDGET_BYTES = 4 * 10 ** 9  # memory the writer's statistics may hold (and so the file's size)
+DEFAULT_BUDGET_BYTES = 35 * 10 ** 8  # memory the writer's statistics may hold (and so the file's size); the rest of
+# 4 GB is left for the activation blocks being converted (FLUX-dev/T5XXL peaks: docs/rounding.md)
 MIN_ROWS = 8  # a budget that cannot hold this many rows per layer is refused
 
 

@@ -54,18 +54,24 @@ class MomentSketch:
         return 8 * dim * dim + 16 * dim if rows >= dim else 4 * rows * dim + 16 * dim
 
     @staticmethod
+    def block_rows(rows: int) -> int:
+        return min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2 * rows))
+
+    @staticmethod
     def transient_bytes(dim: int, rows: int) -> int:
-        """Extra memory while one block is absorbed (the block in float32, the stack in float64, its Gram matrix,
-        eigenvectors and the new rows)."""
+        """Extra memory while one block is absorbed (the block in float32, the stack in float32 and float64, the
+        Gram matrix of its smaller side with eigenvectors and workspace, the new rows in float64)."""
         if rows >= dim:
             return 4 * dim * dim + 4 * BLOCK_ROWS * dim
-        m = rows + BLOCK_ROWS
-        return 4 * BLOCK_ROWS * dim + 12 * m * dim + 24 * m * m + 8 * rows * dim
+        block = MomentSketch.block_rows(rows)
+        m = rows + block
+        side = min(m, dim)
+        return 4 * block * dim + 12 * m * dim + 24 * side * side + 8 * rows * dim
 
     def add(self, x: torch.Tensor) -> None:
         """Add rows x [n, dim] (any float dtype; moved to the sketch's device block by block)."""
         x = x.reshape(-1, self.dim)
-        block = BLOCK_ROWS if self.exact else min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2 * self.rows))
+        block = BLOCK_ROWS if self.exact else self.block_rows(self.rows)
         for i in range(0, x.shape[0], block):
             c = x[i:i + block].to(device=self.device, dtype=torch.float32)
             self.count += c.shape[0]
