@@ -70,7 +70,9 @@ class _Recorder:
                 self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
         # every Linear its own group until the first forward shows which share an input: a plan on the safe side,
         # made exact (rows grow back) once the groups are known
-        writer.plan(self._widths, parts)
+        plan = getattr(writer, "plan", None)  # a stand-in writer (e.g. one that forwards rows) may have none
+        if plan is not None:
+            plan(self._widths, parts)
 
     def _hook(self, name: str):
         def hook(mod, args):
@@ -101,7 +103,8 @@ class _Recorder:
     def new_batch(self, mask: torch.Tensor | None, fit: torch.Tensor | None = None) -> None:
         if self._batches == 1 and self._group_of:
             groups = {g: self._widths[g] for g in set(self._group_of.values()) if g in self._widths}
-            self.writer.plan(groups, self.parts)
+            if getattr(self.writer, "plan", None) is not None:
+                self.writer.plan(groups, self.parts)
         self._batches += 1
         self.mask = mask
         self.fit = fit
