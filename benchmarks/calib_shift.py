@@ -3,6 +3,7 @@
     python benchmarks/calib_shift.py                      # 3 seeds, the four cases below
     python benchmarks/calib_shift.py --seeds 0 --cases p2e e2p
     python benchmarks/calib_shift.py --shrink 0.3 --bias-correction --no-check   # other settings of the components
+    python benchmarks/calib_shift.py --seeds 0 --rows 0 114 23 --cases matched p2e e2p   # sketched statistics
 
 Texts: "prose" = sentences of the licence texts in /usr/share/common-licenses (GPL, LGPL, MPL, Apache, ...);
 "everyday" = tests/data/everyday.txt (short everyday sentences written for this check). For each seed both are
@@ -16,8 +17,9 @@ shuffled and split into a calibration part and a part of use (disjoint):
 For each case: `python -m quant_core capture`'s function records the statistics of the calibration part (no
 --eval-text, as a user would run it), the model file is converted twice with the converter (`--num_iter 0` = RTN,
 and `--calibration`), and both are loaded into the transformers model. Printed: the relative error of the final
-hidden state (all non-padding tokens of the sentences of use) against the FP32 model, calibrated / RTN, and what the
-conversion report said about the calibrated layers (its figure and which statistics it was measured on), and
+hidden state (all non-padding tokens of the sentences of use) against the FP32 model, calibrated / RTN ("e2e
+ratio"); the mean over the Linear layers of each layer's output error / RTN's on the sentences of use, measured with
+their exact second moments ("layers"); what the conversion report said about the calibrated layers (its figure and which statistics it was measured on), and
 whether the report's direction (below / above 1) agrees with the end-to-end one.
 """
 
@@ -107,6 +109,36 @@ class MiniLM:
         return float((hidden(q, self.tok, sentences) - ref).norm() / ref.norm())
 
 
+def layer_ratio(mini: MiniLM, work: str, use: list[str], out: str, rtn: str, cache: dict) -> float:
+    """Mean over the model's Linear layers of the output error of `out` / RTN's, measured with EXACT second moments
+    of the sentences of use (captured here once per text): the per-layer figure on text the rounding never saw,
+    independent of the statistics the conversion used."""
+    from quant_core.calibration import load_calibration, output_errors
+
+    key = ("use", tuple(use))
+    if key not in cache:
+        path = os.path.join(work, f"use{len([k for k in cache if k[0] == 'use'])}.calib.safetensors")
+        capture_mod.capture(mini.dir, use, path, max_length=128, batch_size=32, rows=None, budget_bytes=None)
+        cache[key] = load_calibration(path)
+    cs = cache[key]
+    if ("weights", out) not in cache:
+        cache["weights", out] = load_dequantized_state_dict(out, torch.float32)
+    if ("weights", rtn) not in cache:
+        cache["weights", rtn] = load_dequantized_state_dict(rtn, torch.float32)
+    q_all, r_all = cache["weights", out], cache["weights", rtn]
+    orig = mini.model.state_dict()
+    ratios = []
+    for k in cs.keys():
+        if k not in q_all or k not in orig:
+            continue
+        cal = cs.get(k)
+        w = orig[k].float()
+        e, _ = output_errors(w, q_all[k].float(), cal.mean, cal.gram)
+        e_rtn, _ = output_errors(w, r_all[k].float(), cal.mean, cal.gram)
+        ratios.append(e / e_rtn if e_rtn > 0 else 1.0)
+    return sum(ratios) / len(ratios)
+
+
 def report_prediction(report: dict) -> dict:
     learned = report["learned"]
     return {"ratio": learned.get("output_error_ratio_mean"),
@@ -116,11 +148,13 @@ def report_prediction(report: dict) -> dict:
 
 
 def run_case(mini: MiniLM, work: str, calib: list[str], use: list[str], tag: str, rtn_cache: dict,
-             options: dict | None = None) -> dict:
-    """Capture (once per `tag`), convert (once per `tag`; RTN once per `rtn_cache`), measure on `use`."""
+             options: dict | None = None, rows: int | None = None) -> dict:
+    """Capture (once per `tag`; `rows` per layer, None = exact second moments), convert (once per `tag`; RTN once
+    per `rtn_cache`), measure on `use`."""
     cal = os.path.join(work, f"{tag}.calib.safetensors")
     if not os.path.exists(cal):
-        capture_mod.capture(mini.dir, calib, cal, max_length=128, batch_size=32)
+        capture_mod.capture(mini.dir, calib, cal, max_length=128, batch_size=32, rows=rows,
+                            budget_bytes=None if rows is None else capture_mod.DEFAULT_BUDGET_BYTES)
     rtn = os.path.join(work, "rtn.safetensors")
     if "rtn" not in rtn_cache:
         convert_file(mini.src, rtn, ConvertOptions(num_iter=0, overwrite=True))
@@ -134,7 +168,7 @@ def run_case(mini: MiniLM, work: str, calib: list[str], use: list[str], tag: str
     report, secs = rtn_cache[tag, "report"], rtn_cache[tag, "seconds"]
     e_rtn, e_cal = mini.error(rtn, use), mini.error(out, use)
     return {"rtn": e_rtn, "cal": e_cal, "ratio": e_cal / e_rtn, "report": report_prediction(report),
-            "seconds": secs}
+            "seconds": secs, "layer_ratio": layer_ratio(mini, work, use, out, rtn, rtn_cache)}
 
 
 def main(argv=None) -> int:
@@ -145,6 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("--bias-correction", action="store_true", help="convert with bias correction on")
     p.add_argument("--shrink", type=float, help="shrinkage towards the diagonal (default: rounding.SHRINK)")
     p.add_argument("--no-check", action="store_true", help="no held-out check (report figure in-sample)")
+    p.add_argument("--rows", type=int, nargs="+", default=[0],
+                   help="activation rows the statistics keep per layer (0 = exact second moments, the default; "
+                        "below MiniLM's widths 384/1536 the statistics are Frequent-Directions sketches)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from quant_core import rounding
@@ -157,22 +194,22 @@ def main(argv=None) -> int:
     from conftest import minilm_dir
 
     mini = MiniLM(minilm_dir())
-    print(f"{'seed':>4} {'case':>9} {'cal tok':>7} {'RTN err':>9} {'cal err':>9} {'e2e ratio':>9} "
-          f"{'report':>7} {'report+b':>8} {'agrees':>6} {'kept':>4} {'fb':>3} {'relF x':>6} {'s':>5}  report on")
+    print(f"{'seed':>4} {'rows':>5} {'case':>9} {'cal tok':>7} {'RTN err':>9} {'cal err':>9} {'e2e ratio':>9} "
+          f"{'layers':>6} {'report':>7} {'report+b':>8} {'agrees':>6} {'kept':>4} {'fb':>3} {'relF x':>6} {'s':>5}  report on")
     rtn_cache: dict = {}
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:
             parts = splits(seed)
-            for case in args.cases:
+            for rows, case in [(rows, case) for rows in args.rows for case in args.cases]:
                 cal_reg, use_reg = CASES[case]
                 calib, use = parts[cal_reg][0], parts[use_reg][1]
-                r = run_case(mini, work, calib, use, f"s{seed}-{cal_reg}", rtn_cache, options)
+                r = run_case(mini, work, calib, use, f"s{seed}-{cal_reg}-r{rows}", rtn_cache, options, rows or None)
                 rep = r["report"]
                 pred = rep["ratio_bias"] if rep["ratio_bias"] is not None else rep["ratio"]
                 agree = (pred < 1) == (r["ratio"] < 1) if pred is not None else None
                 ntok = sum(len(mini.tok(s)["input_ids"]) for s in calib)
-                print(f"{seed:>4} {case:>9} {ntok:>7} {r['rtn']:>9.3e} {r['cal']:>9.3e} {r['ratio']:>9.3f} "
-                      f"{rep['ratio'] or float('nan'):>7.3f} {rep['ratio_bias'] or float('nan'):>8.3f} "
+                print(f"{seed:>4} {rows or 'exact':>5} {case:>9} {ntok:>7} {r['rtn']:>9.3e} {r['cal']:>9.3e} {r['ratio']:>9.3f} "
+                      f"{r['layer_ratio']:>6.3f} {rep['ratio'] or float('nan'):>7.3f} {rep['ratio_bias'] or float('nan'):>8.3f} "
                       f"{str(agree):>6} {rep['kept']:>4} {rep['fallbacks']:>3} {rep['relF_ratio']:>6.3f} "
                       f"{r['seconds']:>5.0f}  {rep['on']}", flush=True)
     return 0

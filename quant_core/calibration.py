@@ -1,23 +1,31 @@
 """Calibration statistics: the real inputs each Linear layer sees, summarised, and the bias correction they allow.
 
-File format (safetensors, written by `python -m quant_core capture` or `CalibrationWriter`):
+File format (safetensors, written by `python -m quant_core capture` or `CalibrationWriter`), version 3:
 
-- per *input group* g (layers that read the same tensor, e.g. q/k/v projections, share one group):
-  ``g.mean`` float32 [in] = E[x], ``g.gram`` float32 [in, in] = E[x x^T] over all calibration tokens;
-  ``g.fit_mean`` / ``g.fit_gram``: the same over the even-numbered calibration sequences only (version 2), so that
-  the converter can round on one half and measure on the other (the odd half's statistics follow from the two);
-  optionally ``g.eval_mean`` / ``g.eval_gram`` from a disjoint held-out text set (used only for reporting);
-- metadata ``fp16lr_calibration`` (JSON): ``{"version": 2, "layers": {weight_key: {"group": g, "has_bias": bool}},
-  "groups": {g: {"in_features": int, "count": tokens, "fit_count": tokens, "eval_count": tokens or 0}},
-  "source": {...}}``.
+- per *input group* g (layers that read the same tensor, e.g. q/k/v projections, share one group) and per *part*
+  p: ``fit`` (the even-numbered calibration sequences), ``rest`` (the others) and optionally ``eval`` (a disjoint
+  held-out text set, used only for reporting):
+  ``g.p_mean`` float32 [in] = E[x], ``g.p_diag`` float32 [in] = E[x*x] (exact), and either
+  ``g.p_gram`` float32 [in, in] = E[x x^T] (exact: when the rows kept per layer reach the input width) or
+  ``g.p_sketch`` float32 [r <= rows, in], a Frequent-Directions sketch S with S^T S ~ E[x x^T]
+  (see sketch.py: E[x x^T] - S^T S is positive semi-definite with spectral norm at most the recorded bound); the
+  second moment used is S^T S with its diagonal replaced by the exact one;
+- metadata ``fp16lr_calibration`` (JSON): ``{"version": 3, "layers": {weight_key: {"group": g, "has_bias": bool}},
+  "groups": {g: {"in_features": int, "count": fit + rest tokens, "fit_count", "rest_count", "eval_count",
+  "rows": {p: rows held}, "exact": {p: bool}, "error_bound": {p: bound on ||E[x x^T] - estimate||_2}}},
+  "statistics": {"rows_requested", "rows", "budget_bytes", "notes"}, "source": {...}}``.
 
-Version 1 files (no fit half) are still read: their layers are rounded without the held-out check, and the report
-says that its figure is measured on the calibration tokens themselves. Other versions are refused.
+The file holds at most `rows` x in floats per group and part, so its size (like the writer's memory) is bounded by
+the budget the writer was given, never by the amount of text or by in^2. The [in, in] matrices are built on first
+use, one group at a time (on the device given to `load_calibration`).
 
-The Gram matrix is a sufficient statistic for E||(Q - W) x||^2, so the file size is bounded by the layer widths
-(8 * in^2 bytes per group, in float32), never by the amount of text. Tensors are read lazily, one group at a time.
-Every problem with a file (not safetensors, no or broken metadata, a missing or misshapen tensor, NaN or infinite
-statistics) raises `CalibrationError`: one line naming the file and, where there is one, the tensor.
+Version 2 files (``g.mean``/``g.gram`` over all tokens, ``g.fit_mean``/``g.fit_gram`` over the fit half, optional
+``g.eval_*``; the other half derived from the totals) and version 1 files (no fit half: rounded without the held-out
+check, the report says its figure is in-sample) are read as before. Other versions are refused.
+
+Tensors are read lazily, one group at a time. Every problem with a file (not safetensors, no or broken metadata, a
+missing or misshapen tensor, NaN or infinite statistics, counts that do not add up) raises `CalibrationError`: one
+line naming the file and, where there is one, the tensor.
 """
 
 from __future__ import annotations
@@ -29,50 +37,111 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConversionError
+from .sketch import MomentSketch
 
 FORMAT_KEY = "fp16lr_calibration"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 _STATS = ("mean", "gram", "fit_mean", "fit_gram", "eval_mean", "eval_gram")
+_PARTS = ("fit", "rest", "eval")
+_PART_COUNT = {"fit": "fit_count", "rest": "rest_count", "eval": "eval_count"}
+DEFAULT_ROWS = 3072  # rows (directions) kept per group and part; at or above the input width the statistics are exact
+DEFAULT_BUDGET_BYTES = 35 * 10 ** 8  # memory the writer's statistics may hold (and so the file's size); the rest of
+# 4 GB is left for the activation blocks being converted (FLUX-dev/T5XXL peaks: docs/rounding.md)
+MIN_ROWS = 8  # a budget that cannot hold this many rows per layer is refused
 
 
 class CalibrationError(ConversionError):
     """A calibration file that cannot be used; the message names the file (and tensor)."""
 
 
-@dataclass
 class LayerCalibration:
     """Input statistics of one Linear layer (weight [out, in]); tensors float32 on the CPU unless moved.
 
     `mean` [in] = E[x]; `gram` [in, in] = E[x x^T]; `count` tokens behind them. `fit_*`: the same over the
     even-numbered calibration sequences (`fit_count` tokens; None/0 in version 1 files). `eval_*`: the same from
     held-out text (None if the file has none). `has_bias`: the layer adds a bias.
+
+    Version 3 files hold compact statistics (see the module docstring); their `gram`, `fit_gram` and `eval_gram` are
+    built on first use ([in, in] float32; the set keeps the last one built for its group, nothing more), and
+    `halves()` builds each half from its own statistics.
     """
 
-    weight_key: str
-    mean: torch.Tensor
-    gram: torch.Tensor
-    count: int
-    has_bias: bool
-    eval_mean: torch.Tensor | None = None
-    eval_gram: torch.Tensor | None = None
-    eval_count: int = 0
-    fit_mean: torch.Tensor | None = None
-    fit_gram: torch.Tensor | None = None
-    fit_count: int = 0
+    def __init__(self, weight_key: str, mean: torch.Tensor, gram: torch.Tensor | None, count: int, has_bias: bool,
+                 eval_mean: torch.Tensor | None = None, eval_gram: torch.Tensor | None = None, eval_count: int = 0,
+                 fit_mean: torch.Tensor | None = None, fit_gram: torch.Tensor | None = None, fit_count: int = 0,
+                 parts: dict | None = None, cache: dict | None = None, device=None):
+        self.weight_key = weight_key
+        self.mean, self._gram, self.count, self.has_bias = mean, gram, count, has_bias
+        self.eval_mean, self._eval_gram, self.eval_count = eval_mean, eval_gram, eval_count
+        self.fit_mean, self._fit_gram, self.fit_count = fit_mean, fit_gram, fit_count
+        self._parts = parts or {}  # version 3: {"fit"|"rest"|"eval": _Part}
+        self._cache = cache if cache is not None else {}
+        self._device = device  # where version 3 matrices are built (None: the CPU)
+
+    def __repr__(self) -> str:
+        return f"LayerCalibration({self.weight_key!r}, in={self.in_features}, count={self.count})"
 
     @property
     def in_features(self) -> int:
         return self.mean.numel()
 
     @property
+    def sketched(self) -> bool:
+        """The statistics are compact (version 3 sketches): the [in, in] matrices are estimates."""
+        return any(p.sketch is not None for p in self._parts.values())
+
+    def _built(self, which: str) -> torch.Tensor | None:
+        device = self._device
+        names = ("fit", "rest") if which == "all" else (which,)
+        parts = [self._parts[n] for n in names if n in self._parts]
+        if not parts:
+            return None
+        key = (id(self._parts), which, str(device))
+        if key not in self._cache:
+            self._cache.clear()  # one matrix at a time
+            self._cache[key] = _build_second_moment(parts, device)
+        return self._cache[key]
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self._gram if self._gram is not None or not self._parts else self._built("all")
+
+    @gram.setter
+    def gram(self, value):
+        self._gram = value
+
+    @property
+    def fit_gram(self) -> torch.Tensor | None:
+        return self._fit_gram if self._fit_gram is not None or not self._parts else self._built("fit")
+
+    @fit_gram.setter
+    def fit_gram(self, value):
+        self._fit_gram = value
+
+    @property
+    def eval_gram(self) -> torch.Tensor | None:
+        return self._eval_gram if self._eval_gram is not None or not self._parts else self._built("eval")
+
+    @eval_gram.setter
+    def eval_gram(self, value):
+        self._eval_gram = value
+
+    @property
     def has_split(self) -> bool:
         """Both halves hold tokens: the rounding can be fitted on one and checked on the other."""
+        if self._parts and self._fit_gram is None:
+            return "fit" in self._parts and 0 < self.fit_count < self.count
         return self.fit_gram is not None and 0 < self.fit_count < self.count
 
     def halves(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """((mean, gram) of the fit half, (mean, gram) of the other half), float64. The other half is recovered
-        from the totals: (n * all - n_fit * fit) / (n - n_fit)."""
+        """((mean, gram) of the fit half, (mean, gram) of the other half). Versions 1-2: float64, the other half
+        recovered from the totals: (n * all - n_fit * fit) / (n - n_fit). Version 3: each half from its own
+        statistics (means float64, matrices float32, built here and not kept)."""
+        if self._parts and self._fit_gram is None:
+            f, r = self._parts["fit"], self._parts["rest"]
+            return ((f.mean.double(), _build_second_moment([f], self._device)),
+                    (r.mean.double(), _build_second_moment([r], self._device)))
         n, nf = self.count, self.fit_count
         fm, fg = self.fit_mean.double(), self.fit_gram.double()
         rm = (n * self.mean.double() - nf * fm) / (n - nf)
@@ -80,12 +149,48 @@ class LayerCalibration:
         return (fm, fg), (rm, rg)
 
     def second_moment(self, centered: bool = False, device: torch.device | None = None) -> torch.Tensor:
-        """E[x x^T] (or the covariance E[(x - mu)(x - mu)^T] if `centered`) as float64 [in, in]."""
-        g = self.gram.to(device=device, dtype=torch.float64)
+        """E[x x^T] (or the covariance E[(x - mu)(x - mu)^T] if `centered`) as float64 [in, in] (built on `device`
+        from a version 3 file's statistics)."""
+        if self._parts and self._gram is None:
+            g = _build_second_moment([self._parts[n] for n in ("fit", "rest") if n in self._parts],
+                                     device if device is not None else self._device)
+        else:
+            g = self.gram
+        g = g.to(device=device, dtype=torch.float64)
         if centered:
             mu = self.mean.to(device=device, dtype=torch.float64)
             g = g - torch.outer(mu, mu)
         return g
+
+
+@dataclass
+class _Part:
+    """Version 3 statistics of one part (fit half, rest, eval) of a group: means over `count` rows."""
+
+    count: int
+    mean: torch.Tensor  # E[x]
+    diag: torch.Tensor  # E[x*x] (exact)
+    gram: torch.Tensor | None  # E[x x^T] (exact parts)
+    sketch: torch.Tensor | None  # s [r, in] with s^T s ~ E[x x^T] (sketched parts)
+
+
+def _build_second_moment(parts: list[_Part], device=None) -> torch.Tensor:
+    """Count-weighted E[x x^T] of the parts, [in, in] float32: exact matrices summed, sketches stacked (one
+    product), the diagonal exact."""
+    n = sum(p.count for p in parts)
+    g = None
+    sketches = [p.sketch.to(device) * (p.count / n) ** 0.5 for p in parts if p.sketch is not None]
+    if sketches:
+        s = torch.cat(sketches) if len(sketches) > 1 else sketches[0]
+        g = s.T @ s
+    for p in parts:
+        if p.gram is not None:
+            t = p.gram.to(device=device, dtype=torch.float32) * (p.count / n)
+            g = t if g is None else g.add_(t)
+    if sketches:
+        diag = sum(p.diag.to(device=device, dtype=torch.float64) * (p.count / n) for p in parts)
+        g.diagonal().copy_(diag)
+    return g
 
 
 def _meta_error(path: str, what: str) -> CalibrationError:
@@ -95,10 +200,11 @@ def _meta_error(path: str, what: str) -> CalibrationError:
 class CalibrationSet:
     """A calibration file opened for lookups by checkpoint weight key. Reads tensors on demand."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, device=None):
         from safetensors import safe_open
 
         self.path = path
+        self.device = device  # version 3: build the [in, in] matrices there (the device the rounding runs on)
         try:
             self._file = safe_open(path, "pt")
             meta = self._file.metadata() or {}
@@ -134,6 +240,7 @@ class CalibrationSet:
         self.source: dict = info.get("source") if isinstance(info.get("source"), dict) else {}
         self._names = names
         self._cache: tuple[str, dict] | None = None
+        self._built: dict = {}  # the last [in, in] matrix built from version 3 statistics (one group's)
 
     def _check_group(self, path: str, g: str, ginfo, names: set[str]) -> None:
         """Header-only checks of one group: counts, and every tensor present with its shape (values: `get`)."""
@@ -146,6 +253,9 @@ class CalibrationSet:
                 raise _meta_error(path, f"has a bad '{field}' for group '{g[:200]}'")
         if type(n) is not int or n <= 0 or ginfo.get("count", 0) <= 0:
             raise _meta_error(path, f"has a bad 'in_features' or 'count' for group '{g[:200]}'")
+        if self.version >= 3:
+            self._check_parts(path, g, ginfo, n, names)
+            return
         wanted = [("mean", (n,)), ("gram", (n, n))]
         if ginfo.get("fit_count", 0):
             wanted += [("fit_mean", (n,)), ("fit_gram", (n, n))]
@@ -159,6 +269,70 @@ class CalibrationSet:
             if tuple(sl.get_shape()) != shape or sl.get_dtype() not in ("F32", "F64", "F16", "BF16"):
                 raise CalibrationError(f"{path}: tensor '{name[:200]}' has shape {sl.get_shape()} and dtype "
                                        f"{sl.get_dtype()}; expected float {list(shape)}")
+
+    def _check_parts(self, path: str, g: str, ginfo: dict, n: int, names: set[str]) -> None:
+        """Version 3: per part with tokens, mean and exact diagonal [in], and an exact [in, in] matrix or a sketch
+        [rows <= in, in]; the count is the fit and rest counts together."""
+        c = ginfo.get("rest_count", 0)
+        if type(c) is not int or c < 0 or ginfo["count"] != ginfo.get("fit_count", 0) + c:
+            raise _meta_error(path, f"has a bad 'rest_count' for group '{g[:200]}'")
+        for part in _PARTS:
+            if not ginfo.get(_PART_COUNT[part], 0):
+                continue
+            for stat in ("mean", "diag"):
+                self._check_tensor(path, f"{g}.{part}_{stat}", names, lambda s: s == [n], [n])
+            gram, sketch = f"{g}.{part}_gram", f"{g}.{part}_sketch"
+            rows = ginfo.get("rows")
+            if gram in names or (sketch not in names and isinstance(rows, dict) and rows.get(part) == n):
+                self._check_tensor(path, gram, names, lambda s: s == [n, n], [n, n])
+            else:
+                self._check_tensor(path, sketch, names, lambda s: len(s) == 2 and 0 < s[0] <= n and s[1] == n,
+                                   ["rows", n])
+
+    def _check_tensor(self, path: str, name: str, names: set[str], shape_ok, expected: list) -> None:
+        if name not in names:
+            raise CalibrationError(f"{path}: tensor '{name[:200]}' is missing")
+        sl = self._file.get_slice(name)
+        if not shape_ok(list(sl.get_shape())) or sl.get_dtype() not in ("F32", "F64", "F16", "BF16"):
+            raise CalibrationError(f"{path}: tensor '{name[:200]}' has shape {sl.get_shape()} and dtype "
+                                   f"{sl.get_dtype()}; expected float {expected}")
+
+    def _read(self, name: str) -> torch.Tensor:
+        try:
+            v = self._file.get_tensor(name).float()
+        except Exception as e:
+            raise CalibrationError(f"{self.path}: tensor '{name[:200]}' cannot be read "
+                                   f"({' '.join(str(e).split())[:120]})") from None
+        if not bool(torch.isfinite(v).all()):
+            raise CalibrationError(f"{self.path}: tensor '{name[:200]}' holds NaN or infinite statistics")
+        return v
+
+    def _get_v3(self, weight_key: str, layer: dict, g: str, info: dict) -> LayerCalibration:
+        if self._cache is None or self._cache[0] != g:
+            self._cache = None
+            self._built.clear()
+            parts = {}
+            for part in _PARTS:
+                count = info.get(_PART_COUNT[part], 0)
+                if not count:
+                    continue
+                gram_name = f"{g}.{part}_gram"
+                full = gram_name in self._names
+                parts[part] = _Part(count=count, mean=self._read(f"{g}.{part}_mean"),
+                                    diag=self._read(f"{g}.{part}_diag"),
+                                    gram=self._read(gram_name) if full else None,
+                                    sketch=None if full else self._read(f"{g}.{part}_sketch"))
+            self._cache = (g, parts)
+        parts = self._cache[1]
+        n = int(info["count"])
+        mean = sum(parts[p].mean.double() * (parts[p].count / n) for p in ("fit", "rest") if p in parts).float()
+        ev = parts.get("eval")
+        return LayerCalibration(weight_key=weight_key, mean=mean, gram=None, count=n,
+                                has_bias=bool(layer.get("has_bias", False)),
+                                eval_mean=ev.mean if ev else None, eval_count=ev.count if ev else 0,
+                                fit_mean=parts["fit"].mean if "fit" in parts else None,
+                                fit_count=parts["fit"].count if "fit" in parts and "rest" in parts else 0,
+                                parts=parts, cache=self._built, device=self.device)
 
     def keys(self) -> list[str]:
         return list(self.layers)
@@ -178,6 +352,8 @@ class CalibrationSet:
         layer = self.layers[key]
         g = layer["group"]
         info = self.groups[g]
+        if self.version >= 3:
+            return self._get_v3(weight_key, layer, g, info)
         if self._cache is None or self._cache[0] != g:
             t = {}
             for s in _STATS:
@@ -202,8 +378,10 @@ class CalibrationSet:
                                 fit_count=int(info.get("fit_count", 0)) if "fit_gram" in t else 0)
 
 
-def load_calibration(path: str) -> CalibrationSet:
-    """Open a calibration file; `CalibrationError` (one line naming the file) for anything unusable."""
+def load_calibration(path: str, device=None) -> CalibrationSet:
+    """Open a calibration file; `CalibrationError` (one line naming the file) for anything unusable. `device`: where
+    a version 3 file's [in, in] matrices are built (None: the CPU; give the rounding's device to keep them out of
+    host memory)."""
     if not os.path.exists(path):
         raise CalibrationError(f"{path}: calibration file not found")
     if not os.path.isfile(path):
@@ -216,7 +394,7 @@ def load_calibration(path: str) -> CalibrationSet:
         raise CalibrationError(f"{path}: empty file, not a calibration file")
     if not os.access(path, os.R_OK):
         raise CalibrationError(f"{path}: cannot be read (permission denied)")
-    return CalibrationSet(path)
+    return CalibrationSet(path, device)
 
 
 def bias_correction(q_deq: torch.Tensor, w: torch.Tensor, layer_calibration: LayerCalibration) -> torch.Tensor:
@@ -265,58 +443,194 @@ def output_errors(w: torch.Tensor, q_deq: torch.Tensor, mean: torch.Tensor, gram
     return float(err.clamp_min(0.0)) ** 0.5, float(ref) ** 0.5
 
 
-class CalibrationWriter:
-    """Accumulates per-group sums in float64 and writes a calibration file.
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
 
-    ``add(group, x)`` with x [tokens, in] (any float dtype/device) adds calibration rows; ``fit=True`` marks rows of
-    the fit half (even-numbered sequences; they count towards the totals too); ``held_out=True`` adds rows of the
-    held-out text set instead. Memory: up to three [in, in] float64 accumulators per group.
+
+class CalibrationWriter:
+    """Accumulates per-group input statistics within a memory budget and writes a calibration file (version 3).
+
+    ``add(group, x)`` with x [tokens, in] (any float dtype, on any device: the statistics live and shrink on x's
+    device) adds calibration rows; ``fit=True`` marks rows of the fit half (even-numbered sequences; they count
+    towards the totals too); ``held_out=True`` adds rows of the held-out text set instead.
+
+    Per group and part (fit half, rest, held-out) the writer keeps a `sketch.MomentSketch`: exact mean and diagonal,
+    and `rows` directions of the second moment (Frequent Directions; the exact matrix when rows >= the input width).
+    `rows` (default 3072, the meaning of `calib_samples` with a calibration source) is lowered so that everything
+    held, plus the transient of one shrink, stays within `budget_bytes` (None: no limit): `plan()` sets it for known
+    widths before any row arrives (`capture._Recorder` does); a group that appears unplanned and would overflow the
+    budget lowers it for all groups then. Every such change is a line in `notes` (and goes to `on_note`). A budget
+    that cannot hold MIN_ROWS rows per group raises `CalibrationError` saying how much would be needed.
     """
 
-    def __init__(self):
-        self._sums: dict[tuple[str, str], list] = {}
+    def __init__(self, rows: int | None = DEFAULT_ROWS, budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
+                 on_note=None):
+        if rows is not None and (type(rows) is not int or rows < 1):
+            raise ValueError(f"rows must be a positive integer or None, not {rows!r}")
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive or None, not {budget_bytes!r}")
+        self.requested_rows = rows
+        self.rows = rows if rows is not None else 1 << 40  # None: as many as the budget allows (exact if it can)
+        self.budget_bytes = budget_bytes
         self.layers: dict[str, dict] = {}
+        self.notes: list[str] = []
+        self._on_note = on_note
+        self._sketches: dict[tuple[str, str], MomentSketch] = {}
+        self._planned: dict[str, int] | None = None
+        self._planned_parts = 2
 
+    # -- budget ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def bytes_needed(widths, rows: int) -> int:
+        """Memory the statistics of parts of these input widths hold at `rows` rows, plus one shrink's transient."""
+        widths = list(widths)
+        if not widths:
+            return 0
+        return (sum(MomentSketch.held_bytes(d, rows) for d in widths)
+                + max(MomentSketch.transient_bytes(d, rows) for d in widths))
+
+    def rows_for(self, widths, limit: int | None = None) -> int:
+        """The most rows (<= `limit`, default the requested rows) whose statistics for parts of these widths fit the
+        budget; raises CalibrationError when not even MIN_ROWS fit."""
+        widths = list(widths)
+        hi = self.rows if limit is None else limit
+        if self.budget_bytes is None or self.bytes_needed(widths, hi) <= self.budget_bytes:
+            return hi
+        if self.bytes_needed(widths, MIN_ROWS) > self.budget_bytes:
+            raise CalibrationError(
+                f"calibration statistics: a budget of {_gb(self.budget_bytes)} cannot hold {MIN_ROWS} rows per layer "
+                f"for {len(widths)} statistics of input widths up to {max(widths)} (sum {sum(widths)}); at least "
+                f"{_gb(self.bytes_needed(widths, MIN_ROWS))} is needed: raise the budget")
+        lo, hi = MIN_ROWS, min(hi, max(widths))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.bytes_needed(widths, mid) <= self.budget_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _note(self, line: str) -> None:
+        self.notes.append(line)
+        if self._on_note is not None:
+            self._on_note(line)
+
+    def _set_rows(self, rows: int, why: str) -> None:
+        if rows == self.rows:
+            return
+        old = self.rows
+        self.rows = rows
+        for sk in self._sketches.values():
+            sk.resize(rows)
+        if self.requested_rows is not None and rows < self.requested_rows:
+            self._note(f"calibration statistics keep {rows} rows per layer (asked {self.requested_rows}"
+                       f"{'' if old == self.requested_rows else f', was {old}'}): {why} within the "
+                       f"{_gb(self.budget_bytes)} budget")
+
+    def plan(self, widths: dict[str, int], parts: int = 2) -> int:
+        """Fix the rows per layer for groups of these input widths ({group: in_features}, each with `parts` parts:
+        2 = fit half and rest, 3 = with held-out text) before their rows arrive; may be called again with better
+        knowledge (rows then grow back towards the requested number or shrink). Returns the rows."""
+        self._planned, self._planned_parts = dict(widths), parts
+        rows = self.rows_for(self._widths_planned(), self.requested_rows or (1 << 40))
+        self._set_rows(rows, f"{len(widths)} groups of input widths up to {max(widths.values(), default=0)}")
+        return self.rows
+
+    def _widths_planned(self, extra: int | None = None) -> list[int]:
+        widths = [sk.dim for sk in self._sketches.values()]
+        if self._planned:
+            for g, d in self._planned.items():
+                held = sum(1 for gg, _ in self._sketches if gg == g)
+                widths += [d] * max(0, self._planned_parts - held)
+        if extra is not None:
+            widths.append(extra)
+        return widths
+
+    def bytes_held(self) -> int:
+        """Memory the statistics hold now (their planned size, without a shrink's transient)."""
+        return sum(MomentSketch.held_bytes(sk.dim, sk.rows) for sk in self._sketches.values())
+
+    # -- recording ---------------------------------------------------------------------------------------------
     def add_layer(self, weight_key: str, group: str, has_bias: bool) -> None:
         self.layers[weight_key] = {"group": group, "has_bias": bool(has_bias)}
 
     def add(self, group: str, x: torch.Tensor, held_out: bool = False, fit: bool = False) -> None:
-        # per-batch products in float32 (fast; a batch holds a few thousand rows), accumulated in float64
-        x = x.reshape(-1, x.shape[-1]).float()
-        s, ss = x.sum(0, dtype=torch.float64), (x.T @ x).double()
-        for kind in (("eval",) if held_out else ("all", "fit") if fit else ("all",)):
-            key = (group, kind)
-            if key not in self._sums:
-                d = x.shape[1]
-                self._sums[key] = [torch.zeros(d, dtype=torch.float64, device=x.device),
-                                   torch.zeros(d, d, dtype=torch.float64, device=x.device), 0]
-            acc = self._sums[key]
-            acc[0] += s
-            acc[1] += ss
-            acc[2] += x.shape[0]
+        x = x.reshape(-1, x.shape[-1])
+        part = "eval" if held_out else "fit" if fit else "rest"
+        sk = self._sketches.get((group, part))
+        if sk is None:
+            dim = x.shape[1]
+            if any(s.dim != dim for (g, _), s in self._sketches.items() if g == group):
+                raise ValueError(f"group '{group}': rows of width {dim} after rows of another width")
+            planned = self._planned is not None and self._planned.get(group) == dim and sum(
+                1 for g, _ in self._sketches if g == group) < self._planned_parts
+            if not planned:  # unplanned: lower the rows (by at least a fifth, so that this happens rarely) to fit
+                widths = self._widths_planned(dim)
+                if self.budget_bytes is not None and self.bytes_needed(widths, self.rows) > self.budget_bytes:
+                    rows = min(self.rows_for(widths), max(MIN_ROWS, self.rows * 4 // 5))
+                    self._set_rows(rows, f"{len(widths)} statistics of input widths up to {max(widths)}")
+            sk = MomentSketch(dim, self.rows, device=x.device)
+            self._sketches[(group, part)] = sk
+        sk.add(x)
 
     def counts(self, held_out: bool = False) -> dict[str, int]:
-        want = "eval" if held_out else "all"
-        return {g: acc[2] for (g, kind), acc in self._sums.items() if kind == want}
+        out: dict[str, int] = {}
+        for (g, part), sk in self._sketches.items():
+            if (part == "eval") == held_out:
+                out[g] = out.get(g, 0) + sk.count
+        return out
 
+    def errors(self) -> dict[str, dict[str, float]]:
+        """{group: {part: bound}}: ||E[x x^T] - estimate||_2 <= bound (0 where exact), relative to the largest
+        diagonal entry."""
+        out: dict[str, dict[str, float]] = {}
+        for (g, part), sk in self._sketches.items():
+            if sk.count:
+                top = float(sk.sq.max()) if sk.dim else 0.0
+                out.setdefault(g, {})[part] = sk.shrunk / top if top > 0 else 0.0
+        return out
+
+    # -- file --------------------------------------------------------------------------------------------------
     def save(self, path: str, source: dict | None = None) -> None:
-        from safetensors.torch import save_file
+        """Write the statistics (version 3): one tensor at a time, the file appears complete or not at all."""
+        from .safetensors_io import StreamingWriter
 
-        tensors, groups = {}, {}
-        for (g, kind), (s, ss, n) in sorted(self._sums.items()):
-            if n == 0:
+        groups: dict[str, dict] = {}
+        plan: list[tuple[str, str, tuple[int, ...], MomentSketch, str]] = []
+        for (g, part), sk in sorted(self._sketches.items()):
+            if sk.count == 0:
                 continue
-            prefix = {"all": "", "fit": "fit_", "eval": "eval_"}[kind]
-            tensors[f"{g}.{prefix}mean"] = (s / n).float().cpu().contiguous()
-            tensors[f"{g}.{prefix}gram"] = (ss / n).float().cpu().contiguous()
-            info = groups.setdefault(g, {"in_features": s.numel(), "count": 0, "fit_count": 0, "eval_count": 0})
-            info[{"all": "count", "fit": "fit_count", "eval": "eval_count"}[kind]] = int(n)
+            info = groups.setdefault(g, {"in_features": sk.dim, "count": 0, "fit_count": 0, "rest_count": 0,
+                                         "eval_count": 0, "rows": {}, "exact": {}, "error_bound": {}})
+            info[_PART_COUNT[part]] = sk.count
+            info["rows"][part] = sk.dim if sk.exact else int(sk.b.shape[0])
+            info["exact"][part] = bool(sk.exact and sk.shrunk == 0.0)
+            info["error_bound"][part] = sk.shrunk / sk.count  # ||E[x x^T] - estimate||_2 <= this
+            plan += [(f"{g}.{part}_mean", "F32", (sk.dim,), sk, "mean"),
+                     (f"{g}.{part}_diag", "F32", (sk.dim,), sk, "diag")]
+            if sk.exact:
+                plan.append((f"{g}.{part}_gram", "F32", (sk.dim, sk.dim), sk, "gram"))
+            else:
+                plan.append((f"{g}.{part}_sketch", "F32", tuple(sk.b.shape), sk, "sketch"))
+        for info in groups.values():
+            info["count"] = info["fit_count"] + info["rest_count"]
         groups = {g: info for g, info in groups.items() if info["count"] > 0}
-        for g in list(tensors):
-            if g.rsplit(".", 1)[0] not in groups:
-                del tensors[g]
+        plan = [p for p in plan if p[0].rsplit(".", 1)[0] in groups]
         layers = {k: v for k, v in self.layers.items() if v["group"] in groups}
-        meta = {"version": FORMAT_VERSION, "layers": layers, "groups": groups, "source": source or {}}
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={FORMAT_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
+        meta = {"version": FORMAT_VERSION, "layers": layers, "groups": groups, "source": source or {},
+                "statistics": {"rows_requested": self.requested_rows, "rows": min(self.rows, 1 << 31),
+                               "budget_bytes": self.budget_bytes, "notes": self.notes}}
+        with StreamingWriter(path, [(k, d, s) for k, d, s, _, _ in plan], {FORMAT_KEY: json.dumps(meta)},
+                             overwrite=True) as out:
+            for key, _, _, sk, what in plan:
+                n = sk.count
+                if what == "mean":
+                    t = sk.sum / n
+                elif what == "diag":
+                    t = sk.sq / n
+                elif what == "gram":
+                    t = sk.gram / n
+                else:
+                    t = sk.b / n ** 0.5
+                out.write(key, t.float().cpu().contiguous())
+            out.commit()

@@ -3,8 +3,9 @@
     python -m quant_core capture --model DIR --text calib.txt [--eval-text heldout.txt] --output calib.safetensors
 
 Every ``torch.nn.Linear`` of the model gets a forward pre-hook that adds its input rows (padding excluded) to the
-float64 sums of `calibration.CalibrationWriter`; layers that read the very same tensor (q/k/v projections) share
-one group. Each non-empty line of a text file is one sequence (truncated to --max-length tokens); the
+bounded-memory statistics of `calibration.CalibrationWriter` (``--rows`` per layer within ``--budget-gb``);
+layers that read the very same tensor (q/k/v projections) share one group. Each non-empty line of a text file is
+one sequence (truncated to --max-length tokens); the
 even-numbered sequences also go into the fit half (see calibration.py). The model loads offline from a local folder
 and only from safetensors weights (a pickled ``pytorch_model.bin`` is never loaded); transformers is imported only
 here.
@@ -18,7 +19,7 @@ import sys
 
 import torch
 
-from .calibration import CalibrationWriter
+from .calibration import DEFAULT_BUDGET_BYTES, DEFAULT_ROWS, CalibrationError, CalibrationWriter
 from .errors import safe_text
 
 
@@ -47,8 +48,9 @@ def read_lines(path: str) -> list[str]:
 class _Recorder:
     """Forward pre-hooks on every Linear: group by input tensor, add the unmasked rows to the writer."""
 
-    def __init__(self, model: torch.nn.Module, writer: CalibrationWriter):
+    def __init__(self, model: torch.nn.Module, writer: CalibrationWriter, parts: int = 2):
         self.writer = writer
+        self.parts = parts  # statistics per group the writer's budget is planned for (2: fit half + rest, 3: + eval)
         self.mask: torch.Tensor | None = None
         self.fit: torch.Tensor | None = None  # [batch] bool: sequences of the fit half
         self.held_out = False
@@ -59,10 +61,18 @@ class _Recorder:
         self._group_of: dict[str, str] = {}  # module name -> group (fixed by the first forward)
         self._skip: set[str] = set()
         self._handles = []
+        self._widths: dict[str, int] = {}
+        self._batches = 0
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 writer.add_layer(f"{name}.weight", name, mod.bias is not None)
+                self._widths[name] = mod.in_features
                 self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        # every Linear its own group until the first forward shows which share an input: a plan on the safe side,
+        # made exact (rows grow back) once the groups are known
+        plan = getattr(writer, "plan", None)  # a stand-in writer (e.g. one that forwards rows) may have none
+        if plan is not None:
+            plan(self._widths, parts)
 
     def _hook(self, name: str):
         def hook(mod, args):
@@ -90,7 +100,12 @@ class _Recorder:
             self.writer.add(group, rows.reshape(-1, rows.shape[-1]), held_out=self.held_out)
         return hook
 
-    def new_batch(self, mask: torch.Tensor, fit: torch.Tensor | None = None) -> None:
+    def new_batch(self, mask: torch.Tensor | None, fit: torch.Tensor | None = None) -> None:
+        if self._batches == 1 and self._group_of:
+            groups = {g: self._widths[g] for g in set(self._group_of.values()) if g in self._widths}
+            if getattr(self.writer, "plan", None) is not None:
+                self.writer.plan(groups, self.parts)
+        self._batches += 1
         self.mask = mask
         self.fit = fit
         self._seen.clear()
@@ -102,18 +117,20 @@ class _Recorder:
 
 def capture(model_dir: str, texts: list[str], output: str, eval_texts: list[str] | None = None,
             max_length: int = 128, batch_size: int = 16, max_tokens: int | None = None,
-            device: str = "cpu", progress=None) -> dict:
+            device: str = "cpu", progress=None, rows: int | None = DEFAULT_ROWS,
+            budget_bytes: int | None = DEFAULT_BUDGET_BYTES, on_note=None) -> dict:
     """Record calibration statistics of the transformers model in `model_dir` on `texts` (held-out statistics on
     `eval_texts` if given) and write them to `output`. `max_tokens` caps the calibration tokens (whole sequences).
-    Returns the file's metadata summary."""
+    `rows` / `budget_bytes`: see `CalibrationWriter` (lines about lowered rows go to `on_note`). Returns the file's
+    metadata summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_model_folder(model_dir)
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir, use_safetensors=True).float().eval().to(device)
-    writer = CalibrationWriter()
-    rec = _Recorder(model, writer)
+    writer = CalibrationWriter(rows=rows, budget_bytes=budget_bytes, on_note=on_note)
+    rec = _Recorder(model, writer, parts=3 if eval_texts else 2)
     counts = {}
     try:
         for held_out, lines in ((False, texts), (True, eval_texts or [])):
@@ -135,7 +152,8 @@ def capture(model_dir: str, texts: list[str], output: str, eval_texts: list[str]
     finally:
         rec.close()
     source = {"model": os.path.basename(os.path.normpath(model_dir)), "max_length": max_length,
-              "sequences": len(texts), "eval_sequences": len(eval_texts or []), **counts}
+              "sequences": len(texts), "eval_sequences": len(eval_texts or []), **counts,
+              "rows": writer.rows if rows is not None else None}
     writer.save(output, source)
     return source
 
@@ -153,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, help="stop after about this many calibration tokens")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--rows", type=int, default=DEFAULT_ROWS,
+                   help=f"activation rows (directions) the statistics keep per layer (default {DEFAULT_ROWS}); at or "
+                        "above a layer's input width its statistics are exact")
+    p.add_argument("--budget-gb", type=float, default=DEFAULT_BUDGET_BYTES / 1e9,
+                   help="memory the statistics may hold, in GB (default %(default)s); also bounds the file size. "
+                        "Fewer rows are kept where the requested ones do not fit (a line says so)")
     return p
 
 
@@ -169,9 +193,12 @@ def main(argv: list[str]) -> int:
     eval_texts = read_lines(args.eval_text) if args.eval_text else None
     try:
         check_model_folder(args.model)
+        if args.rows < 1 or not args.budget_gb > 0:
+            raise CaptureError(f"--rows must be at least 1 and --budget-gb above 0 (got {args.rows}, {args.budget_gb})")
         src = capture(args.model, texts, args.output, eval_texts, args.max_length, args.batch_size, args.max_tokens,
-                      args.device)
-    except CaptureError as e:
+                      args.device, rows=args.rows, budget_bytes=int(args.budget_gb * 1e9),
+                      on_note=lambda line: print(f"note: {safe_text(line)}", file=sys.stderr))
+    except (CaptureError, CalibrationError) as e:
         print(f"error: {safe_text(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {src.get('tokens', 0)} calibration tokens"

@@ -32,8 +32,9 @@ def write_pickle(path, marker):
         pickle.dump({"state_dict": _Payload(str(marker))}, f)
 
 
-def good_calibration(path, width=64, rows=200):
-    w = CalibrationWriter()
+def good_calibration(path, width=64, rows=200, sketch_rows=3072):
+    """A version 3 file; exact statistics (the default rows exceed the width) unless `sketch_rows` < width."""
+    w = CalibrationWriter(rows=sketch_rows)
     w.add_layer(LAYER, "g0", has_bias=False)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
     w.add("g0", x[::2], fit=True)
@@ -117,21 +118,42 @@ def test_bad_metadata(t5_fp32, tmp_path, meta, needle):
     expect_refused(t5_fp32, tmp_path, calib, needle)
 
 
-def test_missing_tensor(t5_fp32, tmp_path):
-    calib = good_calibration(tmp_path / "c.safetensors")
-    rewrite(calib, tensors=lambda t: {k: v for k, v in t.items() if k != "g0.gram"})
-    expect_refused(t5_fp32, tmp_path, calib, "'g0.gram'", "missing")
+@pytest.mark.parametrize("sketch_rows, name", [(3072, "g0.rest_gram"), (3072, "g0.fit_diag"), (16, "g0.fit_sketch"),
+                                               (16, "g0.rest_mean")])
+def test_missing_tensor(t5_fp32, tmp_path, sketch_rows, name):
+    calib = good_calibration(tmp_path / "c.safetensors", sketch_rows=sketch_rows)
+    rewrite(calib, tensors=lambda t: {k: v for k, v in t.items() if k != name})
+    expect_refused(t5_fp32, tmp_path, calib, f"'{name}'", "missing")
 
 
-def test_misshapen_tensor(t5_fp32, tmp_path):
-    calib = good_calibration(tmp_path / "c.safetensors")
-    rewrite(calib, tensors=lambda t: {**t, "g0.fit_gram": torch.zeros(3, 3)})
-    expect_refused(t5_fp32, tmp_path, calib, "'g0.fit_gram'", "expected float [64, 64]")
+@pytest.mark.parametrize("sketch_rows, name, bad, needle", [
+    (3072, "g0.fit_gram", torch.zeros(3, 3), "expected float [64, 64]"),
+    (16, "g0.fit_sketch", torch.zeros(65, 64), "expected float ['rows', 64]"),
+    (16, "g0.rest_sketch", torch.zeros(16, 63), "expected float ['rows', 64]"),
+    (16, "g0.rest_diag", torch.zeros(64, 1), "expected float [64]"),
+])
+def test_misshapen_tensor(t5_fp32, tmp_path, sketch_rows, name, bad, needle):
+    calib = good_calibration(tmp_path / "c.safetensors", sketch_rows=sketch_rows)
+    rewrite(calib, tensors=lambda t: {**t, name: bad})
+    expect_refused(t5_fp32, tmp_path, calib, f"'{name}'", needle)
 
 
-@pytest.mark.parametrize("name", ["g0.gram", "g0.mean", "g0.fit_gram"])
-def test_nan_statistics(t5_fp32, tmp_path, name):
-    calib = good_calibration(tmp_path / "c.safetensors")
+def test_counts_that_do_not_add_up(t5_fp32, tmp_path):
+    calib = good_calibration(tmp_path / "c.safetensors", sketch_rows=16)
+
+    def meta(m):
+        info = json.loads(m)
+        info["groups"]["g0"]["rest_count"] += 1
+        return json.dumps(info)
+
+    rewrite(calib, meta=meta)
+    expect_refused(t5_fp32, tmp_path, calib, "bad 'rest_count'", "'g0'")
+
+
+@pytest.mark.parametrize("sketch_rows, name", [(3072, "g0.rest_gram"), (3072, "g0.fit_mean"), (3072, "g0.fit_gram"),
+                                               (16, "g0.fit_sketch"), (16, "g0.rest_diag")])
+def test_nan_statistics(t5_fp32, tmp_path, sketch_rows, name):
+    calib = good_calibration(tmp_path / "c.safetensors", sketch_rows=sketch_rows)
 
     def poison(t):
         v = t[name].clone()
@@ -143,19 +165,15 @@ def test_nan_statistics(t5_fp32, tmp_path, name):
 
 
 def test_version_1_files_still_work(tmp_path):
-    """A file of the first format (no fit half) opens; its layers have no held-out split."""
-    calib = good_calibration(tmp_path / "c.safetensors")
-
-    def v1(m):
-        info = json.loads(m)
-        info["version"] = 1
-        for g in info["groups"].values():
-            g.pop("fit_count")
-        return json.dumps(info)
-
-    rewrite(calib, tensors=lambda t: {k: v for k, v in t.items() if ".fit_" not in k}, meta=v1)
+    """A file of the first format (whole-set statistics only, no fit half) opens; its layers have no held-out
+    split."""
+    x = torch.randn(200, 64, generator=torch.Generator().manual_seed(0))
+    meta = {"version": 1, "layers": {LAYER: {"group": "g0", "has_bias": False}},
+            "groups": {"g0": {"in_features": 64, "count": 200}}, "source": {}}
+    calib = str(tmp_path / "c.safetensors")
+    save_file({"g0.mean": x.mean(0), "g0.gram": x.T @ x / 200}, calib, metadata={FORMAT_KEY: json.dumps(meta)})
     cal = load_calibration(calib).get(LAYER)
-    assert cal is not None and not cal.has_split and cal.count == 200
+    assert cal is not None and not cal.has_split and cal.count == 200 and torch.equal(cal.gram, x.T @ x / 200)
 
 
 # capture: safetensors weights only
