@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from . import format as fmt
 from .errors import Cancelled, ConversionError
 from .metrics import fp16_limit, in_safe_range, measure
@@ -24,6 +24,7 @@ from .options import ConvertOptions
 from .report import Summary, report_json
 from .safetensors_io import AtomicFile, SafetensorsReader, StreamingWriter, check_input_path, clean_stale_temps
 from .scaling import candidate_scale, worth_scaling
+from .sources import TensorSource
 
 EventCallback = Callable[[dict], None]
 CancelHook = Callable[[], object]
@@ -116,25 +117,24 @@ class _Prefetcher:
     which the consumer must hand back (`pool.release`) once it no longer needs the bytes.
     """
 
-    def __init__(self, reader: SafetensorsReader, keys: list[str], depth: int = 2, pool: _BufferPool | None = None):
+    def __init__(self, source: TensorSource, keys: list[str], depth: int = 2, pool: _BufferPool | None = None):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._pool = pool
-        self._thread = threading.Thread(target=self._run, args=(reader, keys), daemon=True, name="fp16lr-read")
+        self._thread = threading.Thread(target=self._run, args=(source, keys), daemon=True, name="fp16lr-read")
         self._thread.start()
 
-    def _run(self, reader: SafetensorsReader, keys: list[str]) -> None:
+    def _run(self, source: TensorSource, keys: list[str]) -> None:
         for key in keys:
             if self._stop.is_set():
                 return
             try:
+                buf = None
                 if self._pool is not None:
                     buf = self._pool.acquire(self._stop)
                     if buf is None:
                         return
-                    item = (key, reader.read_into(key, buf), buf, None)
-                else:
-                    item = (key, reader.get(key), None, None)
+                item = (key, source.read(key, buf), buf, None)
             except BaseException as e:  # handed to the consumer, which raises it
                 item = (key, None, None, e)
             while not self._stop.is_set():
@@ -339,7 +339,6 @@ def _convert(source, dst: str, options: ConvertOptions | None, on_event: EventCa
         calibration = load_calibration(options.calibration)
 
     t_start = time.perf_counter()
-    reader = source
     header = source.header
     items = fmt.plan(header, rules)
     total = len(items)
@@ -358,9 +357,9 @@ def _convert(source, dst: str, options: ConvertOptions | None, on_event: EventCa
         biggest_q = max((2 * math.prod(i.shape) for i in items if i.action == fmt.QUANTIZE), default=0)
         out_pool = _BufferPool(biggest_q, count, pin=cuda) if biggest_q else None
         in_pool = None
-        if isinstance(reader, SafetensorsReader):
+        if source.reads_into_buffers:
             in_pool = _BufferPool(max((i.nbytes for i in items), default=1), count, pin=cuda)
-        prefetch = _Prefetcher(reader, keys, pool=in_pool)
+        prefetch = _Prefetcher(source, keys, pool=in_pool)
         out = _WriterThread(writer)
         bias_deltas: dict[str, torch.Tensor] = {}
         bytes_done = 0
