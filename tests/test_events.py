@@ -140,8 +140,9 @@ def test_bf16_default_mode_skips_the_rounding_pass(flux_bf16, t5_fp32, tmp_path,
     monkeypatch.setattr(rounding, "round_to_fp16", lambda *a, **k: calls.append(1) or real(*a, **k))
     report = convert_file(flux_bf16, str(tmp_path / "b.safetensors"), ConvertOptions())
     assert calls == []
-    assert report["tensors"] and all(t["method"] in ("topk", "exact") for t in report["tensors"])
-    assert all(t["iterations"] == 0 and t["topk_ratio"] == 1.0 for t in report["tensors"] if t["method"] == "topk")
+    assert report["tensors"] and all(t["method"] in ("nothing_to_move", "exact") for t in report["tensors"])
+    assert all(t["iterations"] == 0 and t["topk_ratio"] == 1.0 for t in report["tensors"]
+               if t["method"] == "nothing_to_move")
     fp32 = convert_file(t5_fp32, str(tmp_path / "t.safetensors"), ConvertOptions(t5xxl=True))
     assert len(calls) == fp32["counts"]["quantized"] > 0
 
@@ -185,7 +186,7 @@ def test_calib_samples_sets_the_synthetic_rows_of_the_out_randn_figure(t5_fp32, 
 
 def test_synthetic_output_error_is_the_output_error_on_the_drawn_rows():
     """out(randn) against a direct computation with the same seeded rows."""
-    from quant_core.rounding import synthetic_output_error
+    from quant_core.metrics import synthetic_output_error
 
     g = torch.Generator().manual_seed(3)
     w = 0.02 * torch.randn(48, 80, generator=g)

@@ -32,14 +32,14 @@ def test_fast_path_equals_generic_measurement(dtype, scale):
     assert q.untyped_storage().data_ptr() == out.data_ptr()  # written into the buffer, not fresh memory
     _, generic = measure(w, scale, expected_q.clone())  # generic path: measures a given q
     for k in ("flushed_to_zero", "subnormal", "numel"):
-        assert fast[k] == generic[k], k
-    assert fast["bit_exact_fraction"] == pytest.approx(generic["bit_exact_fraction"], abs=0)
-    assert fast["max_rel_error"] == pytest.approx(generic["max_rel_error"], rel=1e-6)
+        assert getattr(fast, k) == getattr(generic, k), k
+    assert fast.bit_exact_fraction == pytest.approx(generic.bit_exact_fraction, abs=0)
+    assert fast.max_rel_error == pytest.approx(generic.max_rel_error, rel=1e-6)
     for k in ("rel_error", "err_sq", "w_sq"):
-        assert fast[k] == pytest.approx(generic[k], rel=1e-4), k
-    assert generic["changed_vs_rtn"] == 0.0 and generic["error_ratio"] == pytest.approx(1.0)
+        assert getattr(fast, k) == pytest.approx(getattr(generic, k), rel=1e-4), k
+    assert generic.changed_vs_rtn == 0.0 and generic.error_ratio == pytest.approx(1.0)
     if dtype == torch.bfloat16:  # the data has every case: make sure the test exercises them
-        assert fast["flushed_to_zero"] > 0 and fast["subnormal"] > 0 and fast["bit_exact_fraction"] < 1
+        assert fast.flushed_to_zero > 0 and fast.subnormal > 0 and fast.bit_exact_fraction < 1
 
 
 def test_counts_by_hand():
@@ -50,7 +50,7 @@ def test_counts_by_hand():
     # lim/4 is an exact fp16 subnormal; 2^-26 and -2^-30 flush to zero; 3*2^-26 (0.75 of the smallest subnormal
     # step 2^-24) rounds up to 2^-24
     assert q.float().tolist() == [0.0, 1.0, -0.5, lim, lim / 4, 0.0, -0.0, 2.0 ** -24]
-    assert m["flushed_to_zero"] == 2 and m["subnormal"] == 2
-    assert m["bit_exact_fraction"] == pytest.approx(5 / 8)
+    assert m.flushed_to_zero == 2 and m.subnormal == 2
+    assert m.bit_exact_fraction == pytest.approx(5 / 8)
     err = ((2.0 ** -26) ** 2 + (2.0 ** -30) ** 2 + (2.0 ** -24 - 3 * 2.0 ** -26) ** 2) ** 0.5
-    assert m["rel_error"] == pytest.approx(err / float(w.float().norm()), rel=1e-6)
+    assert m.rel_error == pytest.approx(err / float(w.float().norm()), rel=1e-6)

