@@ -39,6 +39,8 @@ class StateDictSource:
     on demand (e.g. patch a weight with its LoRA). With a plain mapping of tensors use `from_tensors`.
     """
 
+    reads_into_buffers = False
+
     def __init__(self, name: str, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
                  getter: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None = None):
         self.path = name
@@ -58,8 +60,6 @@ class StateDictSource:
                      metadata: Mapping[str, str] | None = None) -> "StateDictSource":
         specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
         return cls(name, specs, lambda k: tensors[k], metadata)
-
-    reads_into_buffers = False
 
     def read(self, key: str, buf: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `getter(key)` returns (`buf` is not used), checked against its announced dtype and shape."""
