@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .errors import ConversionError
-from .metrics import (OUT_RANDN_CPU_FLOP, Measurement, fp16_limit, in_safe_range, measure, out_randn_flop,
-                      synthetic_output_error)
+from . import metrics
+from .metrics import Measurement, fp16_limit, in_safe_range, measure, out_randn_flop, synthetic_output_error
 from .options import ConvertOptions
 from .scaling import candidate_scale, worth_scaling
 
@@ -148,7 +148,7 @@ def _out_randn(w: torch.Tensor, q: torch.Tensor, q_rtn: torch.Tensor, scale: flo
                device: torch.device) -> dict:
     """The out(randn) figure (report only) for a weight the learned rounding changed, measured on `samples`
     synthetic rows (`calib_samples`); on the CPU only where it is cheap enough (metrics.OUT_RANDN_CPU_FLOP)."""
-    if device.type == "cpu" and out_randn_flop(tuple(w.shape), samples) > OUT_RANDN_CPU_FLOP:
+    if device.type == "cpu" and out_randn_flop(tuple(w.shape), samples) > metrics.OUT_RANDN_CPU_FLOP:
         return {"out_randn_skipped": "cost on the CPU"}
     return synthetic_output_error(w, q.float() * scale, samples, rtn_deq=q_rtn.float() * scale)
 

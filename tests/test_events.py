@@ -150,7 +150,7 @@ def test_bf16_default_mode_skips_the_rounding_pass(flux_bf16, t5_fp32, tmp_path,
 def test_calib_samples_sets_the_synthetic_rows_of_the_out_randn_figure(t5_fp32, tmp_path, monkeypatch):
     """Without a calibration file, `calib_samples` is the number of synthetic rows of the out(randn) figure, measured
     for every tensor the learned rounding changed: it changes the report, never the stored bytes."""
-    from quant_core import rounding
+    from quant_core import metrics
 
     reports, files = [], []
     for samples in (3072, 256):
@@ -177,7 +177,7 @@ def test_calib_samples_sets_the_synthetic_rows_of_the_out_randn_figure(t5_fp32, 
     # calib_samples 0: no figure; on the CPU a tensor above the cost limit is skipped and counted
     none = convert_file(t5_fp32, str(tmp_path / "none.safetensors"), ConvertOptions(t5xxl=True, calib_samples=0))
     assert none["learned"]["out_randn_tensors"] == 0 and "out(randn)" not in format_summary(none)
-    monkeypatch.setattr(rounding, "OUT_RANDN_CPU_FLOP", 0.0)
+    monkeypatch.setattr(metrics, "OUT_RANDN_CPU_FLOP", 0.0)
     skipped = convert_file(t5_fp32, str(tmp_path / "skip.safetensors"), ConvertOptions(t5xxl=True))
     assert skipped["learned"]["out_randn_tensors"] == 0
     assert skipped["learned"]["out_randn_skipped"] == reports[0]["learned"]["out_randn_tensors"]
