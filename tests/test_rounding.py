@@ -242,8 +242,8 @@ def test_topk_figure_from_an_independent_krylov_basis_where_there_is_a_gap():
 def test_topk_figure_on_real_minilm_weights_with_the_krylov_check(minilm_linear, monkeypatch):
     """The same real MiniLM layers with the exact paths switched off: search basis and check both block Krylov
     (different seeds). Every figure holds against the exact SVD or is withheld with its reason."""
-    monkeypatch.setattr(rounding, "EXACT_BASIS_DIM", 0)
-    monkeypatch.setattr(rounding, "CHECK_EXACT_DIM", 0)
+    monkeypatch.setattr(rounding.topk_basis, "EXACT_BASIS_DIM", 0)
+    monkeypatch.setattr(rounding.topk_basis, "CHECK_EXACT_DIM", 0)
     keys = ["encoder.layer.0.output.dense.weight", "encoder.layer.2.intermediate.dense.weight",
             "encoder.layer.1.attention.self.query.weight", "encoder.layer.5.attention.output.dense.weight"]
     figures = []
