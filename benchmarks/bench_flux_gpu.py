@@ -176,7 +176,7 @@ def main() -> None:
         if t.get("method") == "topk" and (t.get("iterations", 0) > 0 or t.get("topk_check")):
             by_shape.setdefault("x".join(map(str, t["shape"])), []).append(t["seconds"])
     if by_shape:
-        print("per-tensor seconds of the learned rounding in this file (whole _quantize: upload, scale, round, "
+        print("per-tensor seconds of the learned rounding in this file (whole quantize(): upload, scale, round, "
               "measure), by shape:")
         for shape, ts in sorted(by_shape.items(), key=lambda kv: -len(kv[1])):
             ts = sorted(ts)

@@ -1,5 +1,5 @@
 """Learned rounding (default top-k mode) per tensor: time against round-to-nearest, quality after the final cast,
-and CPU/GPU byte identity (issue 3, criterion 6 and the "identical bytes" requirement).
+and CPU/GPU byte identity (with the sha256 of the stored bytes, to compare two versions of the code).
 
     python benchmarks/bench_rounding.py                 # GPU if present: FLUX-size shapes
     python benchmarks/bench_rounding.py --small         # quick CPU check with small shapes
@@ -15,6 +15,7 @@ and the second (it captures the CUDA graphs that later calls replay).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
 import sys
@@ -23,8 +24,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import quant_core.rounding as rounding  # noqa: E402
-from quant_core.rounding import principal_basis, round_to_fp16, topk_error  # noqa: E402
+from quant_core.rounding import principal_basis, round_to_fp16, topk_search  # noqa: E402
+from quant_core.safetensors_io import tensor_bytes  # noqa: E402
+
+
+def topk_error(w2: torch.Tensor, q2: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+    """||U^T (Q - W) V|| in float64 for fp16 `q2` against float32 `w2` (both [m, n], same scale)."""
+    e = q2.double() - w2.double()
+    return float((u.T @ e @ v).norm())
 
 
 def sync(dev: torch.device) -> None:
@@ -69,19 +76,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--num-iter", type=int, default=256)
-    ap.add_argument("--pool-cost", type=float, help="override rounding.POOL_COST (a tuning experiment)")
-    ap.add_argument("--eigh-on-cpu", action="store_true", help="small eigh with the CPU's LAPACK instead of the device")
+    ap.add_argument("--pool-cost", type=float, help="override topk_search.POOL_COST (a tuning experiment)")
     ap.add_argument("--fresh", type=int, default=5, help="new weights of each shape timed once each (median)")
     ap.add_argument("--no-identity", action="store_true", help="skip the CPU/GPU byte comparison")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    rounding.SMALL_EIGH_ON_CPU = args.eigh_on_cpu
     if args.pool_cost is not None:
-        rounding.POOL_COST = args.pool_cost
+        topk_search.POOL_COST = args.pool_cost
     shapes = [(384, 1536), (1536, 384)] if args.small else [(3072, 12288), (12288, 3072), (4096, 10240)]
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}), torch "
-          f"{torch.__version__}, top_k {args.top_k}, num_iter {args.num_iter}, pool cost {rounding.POOL_COST}, "
-          f"small eigh on {'the CPU' if rounding.SMALL_EIGH_ON_CPU else 'the device'}")
+          f"{torch.__version__}, top_k {args.top_k}, num_iter {args.num_iter}, pool cost {topk_search.POOL_COST}")
     print(f"{'shape':>12s} {'source':>6s} {'RTN ms':>8s} {'ours ms':>8s} {'new w ms':>8s} {'1st/2nd ms':>11s} "
           f"{'passes':>6s} {'topk ratio':>10s} {'exact topk':>10s} {'relF ratio':>10s} {'!=RTN %':>8s}")
     for shape in shapes:
@@ -129,8 +133,9 @@ def main() -> None:
             qg = round_to_fp16(w.to(dev), top_k=args.top_k, num_iter=args.num_iter).q.cpu()
             diff = int((qc.view(torch.int16) != qg.view(torch.int16)).sum())
             changed = int((qc != w.half()).sum())
+            digest = hashlib.sha256(tensor_bytes(qg)).hexdigest()[:16]
             print(f"  {'x'.join(map(str, shape)):>10s} {source:>5s}: {diff} of {w.numel()} stored values differ "
-                  f"({changed} elements differ from RTN)", flush=True)
+                  f"({changed} elements differ from RTN), GPU bytes sha256 {digest}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Streaming conversion of a large FLUX-shaped BF16 file: time and peak anonymous memory (issue 2, criterion 5).
+"""Streaming conversion of a large FLUX-shaped BF16 file: time and peak anonymous memory.
 
 Compares `python -m quant_core --num_iter 0` (and default settings) with what a user would otherwise run
 (`safetensors.torch.load_file` -> `.half()` -> `save_file`, its flush to disk counted; whole file in RAM) and with

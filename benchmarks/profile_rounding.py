@@ -1,5 +1,5 @@
 """Where the time of the default (top-k) rounding goes on one tensor: stage times with the device synchronised
-around each stage, and the top kernels/operators from torch.profiler. A diagnosis tool for issue 3's speed target.
+around each stage, and the top kernels/operators from torch.profiler. A diagnosis tool for the rounding's speed.
 
     python benchmarks/profile_rounding.py --shape 3072 12288
 """
@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import quant_core.rounding as R  # noqa: E402
+from quant_core.rounding import grid, topk_basis, topk_search  # noqa: E402
 
 
 def main() -> None:
@@ -22,10 +23,8 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=2, default=[3072, 12288])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--eigh-on-cpu", action="store_true", help="small eigh with the CPU's LAPACK instead of the device")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    R.SMALL_EIGH_ON_CPU = args.eigh_on_cpu
     g = torch.Generator().manual_seed(0)
     w = (0.02 * torch.randn(*args.shape, generator=g)).to(dev)
 
@@ -45,7 +44,7 @@ def main() -> None:
             return out
         return wrapper
 
-    orig_basis, orig_pool = R.principal_basis, R._candidate_pool
+    orig_basis, orig_pool = topk_search.principal_basis, topk_search.candidate_pool
     for _ in range(2):  # warm-up
         R.round_to_fp16(w, top_k=1, num_iter=256)
     sync()
@@ -54,11 +53,11 @@ def main() -> None:
         R.round_to_fp16(w, top_k=1, num_iter=256)
     sync()
     total = (time.perf_counter() - t0) / args.runs * 1e3
-    R.principal_basis, R._candidate_pool = timed("basis", orig_basis), timed("pool", orig_pool)
+    topk_search.principal_basis, topk_search.candidate_pool = timed("basis", orig_basis), timed("pool", orig_pool)
     stage.clear()
     for _ in range(args.runs):
         R.round_to_fp16(w, top_k=1, num_iter=256)
-    R.principal_basis, R._candidate_pool = orig_basis, orig_pool
+    topk_search.principal_basis, topk_search.candidate_pool = orig_basis, orig_pool
     print(f"shape {tuple(args.shape)} on {dev}: total {total:.1f} ms per tensor")
     for k, v in stage.items():
         print(f"  {k:8s} {v / args.runs * 1e3:7.2f} ms")
@@ -81,7 +80,7 @@ def main() -> None:
             evs = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
             return sum(e.count for e in evs), sum(e.self_device_time_total for e in evs) / 1e3
         for name, fn in [("basis", lambda: R.principal_basis(w, 1)),
-                         ("pool", lambda: R._candidate_pool(w, R._RtnChunks(w), R._pool_cost(1))),
+                         ("pool", lambda: grid.candidate_pool(w, grid.RtnChunks(w), topk_search._pool_cost(1))),
                          ("all", lambda: R.round_to_fp16(w, top_k=1, num_iter=256)),
                          ("1 pass", lambda: R.round_to_fp16(w, top_k=1, num_iter=1))]:
             n, ms = count(fn)
@@ -96,9 +95,9 @@ def main() -> None:
     for name, fn in [("double()", lambda: w.double()),
                      ("W @ x", lambda: w64 @ torch.ones(w.shape[1], 7, dtype=torch.float64, device=dev)),
                      ("(y^T W)^T", lambda: (torch.ones(w.shape[0], 7, dtype=torch.float64, device=dev).T @ w64).T),
-                     ("orth block", lambda: R._orthonormalize_block(torch.randn(w.shape[0], 7, dtype=torch.float64,
+                     ("orth block", lambda: topk_basis._orthonormalize_block(torch.randn(w.shape[0], 7, dtype=torch.float64,
                                                                                  device=dev))),
-                     ("orth final", lambda: R._orthonormalize(torch.randn(w.shape[0], 63, dtype=torch.float64,
+                     ("orth final", lambda: topk_basis._orthonormalize(torch.randn(w.shape[0], 63, dtype=torch.float64,
                                                                            device=dev))),
                      ("basis", lambda: R.principal_basis(w, 1))]:
         fn()

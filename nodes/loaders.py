@@ -6,7 +6,7 @@ import folder_paths
 import nodes as comfy_nodes  # ComfyUI's nodes.py: the stock loaders' widget lists are reused, not copied
 import torch
 
-from ..quant_core.format import SCALE_AT_LOAD, SCALE_AT_RUN, SCALE_AUTO
+from ..quant_core.readback import SCALE_AT_LOAD, SCALE_AT_RUN, SCALE_AUTO
 from . import paths
 from .common import LOADER_CATEGORY
 from .loading import load_checkpoint, load_diffusion_model, load_text_encoders

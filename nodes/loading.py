@@ -1,6 +1,6 @@
 """Scaled-FP16 (or plain) safetensors files as ComfyUI models: a diffusion MODEL, a CLIP, a whole checkpoint.
 
-Weights are read one tensor at a time and the scale and marker tensors dropped (`quant_core.format.iter_dequantized`).
+Weights are read one tensor at a time and the scale and marker tensors dropped (`quant_core.readback.iter_dequantized`).
 A weight whose scale is not 1 is dequantized (`weight.float() * scale_weight`) at load where the product fits the
 file's fp16 exactly; elsewhere the diffusion-model loader keeps the fp16 weight and its scale and lets ComfyUI build
 the model with Linear layers that apply the scale at run time (`ops.ScaledFP16Ops` through
@@ -17,7 +17,8 @@ import comfy.sd
 import folder_paths
 import torch
 
-from ..quant_core.format import SCALE_AT_LOAD, has_fp8_marker, load_dequantized_state_dict
+from ..quant_core.format import has_fp8_marker
+from ..quant_core.readback import SCALE_AT_LOAD, load_dequantized_state_dict
 from ..quant_core.safetensors_io import read_header
 log = logging.getLogger("comfyui-scaled-fp16")
 

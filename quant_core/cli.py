@@ -15,7 +15,7 @@ import threading
 
 from tqdm import tqdm
 
-from . import __version__
+from ._version import __version__
 from .convert import convert_file
 from .errors import Cancelled, ConversionError, safe_text
 from .format import FP8_MARKER_REMOVED, default_output_path, strip_fp8_marker

@@ -1,39 +1,33 @@
-"""The streaming conversion pipeline: one safetensors file in, one scaled-FP16 safetensors file out.
+"""The streaming conversion pipeline: one tensor source in, one scaled-FP16 safetensors file out.
 
-Tensors are read one at a time by a prefetch thread, scaled, rounded and measured on the compute device, and handed
-to a writer thread; at most a couple of tensors are in flight, so memory does not grow with model size. Progress
-and metrics leave through `on_event` (see docs/ARCHITECTURE.md for the event fields).
+`convert_file` / `convert` check their arguments once, then `_Conversion` runs the plan (format.plan) top to
+bottom: a prefetch thread reads tensors in order (workers.py), each weight is quantized on the compute device
+(quantize.py), everything else is copied, and a writer thread streams the results into a temporary file that
+replaces the output only when all of it (and the report) is written. Progress and metrics leave through `on_event`
+(docs/ARCHITECTURE.md, "Events" and "Report schema").
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
-import threading
 import time
 from typing import Callable
 
 import torch
 
-from . import __version__
 from . import format as fmt
+from ._version import __version__
 from .errors import Cancelled, ConversionError
-from .metrics import fp16_limit, in_safe_range, measure
 from .options import ConvertOptions
+from .quantize import loaded_rounding, quantize
 from .report import Summary, report_json
 from .safetensors_io import AtomicFile, SafetensorsReader, StreamingWriter, check_input_path, clean_stale_temps
-from .scaling import candidate_scale, worth_scaling
+from .sources import TensorSource
+from .workers import BufferPool, Prefetcher, WriterThread
 
 EventCallback = Callable[[dict], None]
 CancelHook = Callable[[], object]
-# a quantized tensor whose stored values are this far from the weights (relative Frobenius error) is named as lossy
-# in the report and by the command line: fp16 rounding itself costs ~3e-4; this much means values were flushed to
-# zero or saturated (one power-of-two scale cannot cover the tensor's range)
-LOSSY_REL_ERROR = 1e-2
-# ... or when this share of its values is stored as 0 although the weight is not (a real model's tiniest values
-# flush at a rate of ~1e-5 at most)
-LOSSY_FLUSHED = 1e-2
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,206 +72,6 @@ def check_report_path(report: str, src: str | None, dst: str, overwrite: bool, c
     check_output_path(None, report, overwrite)
 
 
-def _check_cancel(cancel: CancelHook | None, index: int, total: int) -> None:
-    if cancel is not None and cancel() is True:
-        raise Cancelled(f"cancelled at tensor {index}/{total}, no file written", index, total)
-
-
-class _BufferPool:
-    """A few reusable host buffers for tensor bytes in flight (read, converted, being written).
-
-    On the GPU path they are page-locked: host<->GPU copies from pinned memory run ~7x faster than from pageable
-    memory, and pinning per tensor would cost more than the copy. On the CPU path they are plain memory reused from
-    tensor to tensor: a fresh buffer per tensor is page-faulted (and zeroed by the kernel) on first touch, which for
-    BF16 input cost about as much as the conversion arithmetic itself. Memory stays bounded at `count` buffers.
-    """
-
-    def __init__(self, nbytes: int, count: int, pin: bool):
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._free.put(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin))
-
-    def acquire(self, stop: threading.Event | None = None) -> torch.Tensor | None:
-        while True:
-            try:
-                return self._free.get(timeout=0.1)
-            except queue.Empty:
-                if stop is not None and stop.is_set():
-                    return None
-
-    def release(self, buf: torch.Tensor) -> None:
-        self._free.put(buf)
-
-
-class _Prefetcher:
-    """Reads planned tensors in order on a background thread, at most `depth` ahead.
-
-    Each item is (key, tensor, pool buffer or None). With a pool, tensors are read straight into the pool's buffers,
-    which the consumer must hand back (`pool.release`) once it no longer needs the bytes.
-    """
-
-    def __init__(self, reader: SafetensorsReader, keys: list[str], depth: int = 2, pool: _BufferPool | None = None):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._pool = pool
-        self._thread = threading.Thread(target=self._run, args=(reader, keys), daemon=True, name="fp16lr-read")
-        self._thread.start()
-
-    def _run(self, reader: SafetensorsReader, keys: list[str]) -> None:
-        for key in keys:
-            if self._stop.is_set():
-                return
-            try:
-                if self._pool is not None:
-                    buf = self._pool.acquire(self._stop)
-                    if buf is None:
-                        return
-                    item = (key, reader.read_into(key, buf), buf, None)
-                else:
-                    item = (key, reader.get(key), None, None)
-            except BaseException as e:  # handed to the consumer, which raises it
-                item = (key, None, None, e)
-            while not self._stop.is_set():
-                try:
-                    self._q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[3] is not None:
-                return
-
-    def get(self) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-        key, t, buf, err = self._q.get()
-        if err is not None:
-            raise err
-        return key, t, buf
-
-    def close(self) -> None:
-        self._stop.set()
-        while True:  # unblock a pending put
-            try:
-                self._q.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join()
-
-
-class _WriterThread:
-    """Writes tensors to a StreamingWriter on a background thread so disk writes overlap compute.
-    `release`, if given, is called once a tensor's bytes are written (to recycle its pinned buffer)."""
-
-    def __init__(self, writer: StreamingWriter, depth: int = 2):
-        self._w = writer
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True, name="fp16lr-write")
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            key, t, release = item
-            if self.error is None:
-                try:
-                    self._w.write(key, t)
-                except BaseException as e:
-                    self.error = e
-            if release is not None:
-                release()
-
-    def put(self, key: str, t: torch.Tensor, release: Callable[[], None] | None = None) -> None:
-        if self.error is not None:
-            raise self.error
-        self._q.put((key, t, release))
-
-    def finish(self) -> None:
-        self._q.put(None)
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def _quantize(key: str, w: torch.Tensor, options: ConvertOptions, device: torch.device, layer_cal, cancel_fn,
-              path: str, out: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
-    """Scale, round and measure one weight. Returns (fp16 on `device`, scale tensor, metrics, bias delta or None).
-    `out` (CPU, optional): a reusable buffer for the round-to-nearest result, returned as a view when it stays."""
-    t0 = time.perf_counter()
-    w = w.to(device, non_blocking=True)
-    if w.numel():
-        lo, hi = torch.aminmax(w)
-        max_abs = max(-float(lo), float(hi))
-    else:
-        max_abs = 0.0
-    if not math.isfinite(max_abs):
-        raise ConversionError(f"{path}: tensor '{key}' contains NaN or infinite values; refusing to convert it")
-    scale, alt = candidate_scale(max_abs, options.scale)
-    q_rtn, m = measure(w, scale, out=out, max_abs=max_abs)  # round-to-nearest, measured in the same pass
-    if alt is not None and worth_scaling(w, alt, math.ldexp(m["rtn_err_sq"], m.get("sq_exp", 0)),
-                                         math.ldexp(m["w_sq"], m.get("sq_exp", 0)), m["tiny_err_sq"]):
-        scale = alt
-        q_rtn, m = measure(w, scale, out=out, max_abs=max_abs)
-    q, info = q_rtn, {"method": "rtn"}
-    if not in_safe_range(max_abs):
-        pass  # magnitudes no real weight has (beyond 2^+-40): round to nearest, measured in float64
-    elif options.num_iter > 0 and m["err_sq"] == 0.0:
-        info = {"method": "exact"}  # every element is representable: there is nothing to round
-    elif options.num_iter > 0 and (final := _rounding().rtn_is_final(
-            tuple(w.shape), m["rel_error"], top_k=options.top_k, num_iter=options.num_iter,
-            calibration=layer_cal)) is not None:
-        info = final  # RTN's error is negligible (BF16 at scale 1): nothing to learn, no pass over the tensor
-    elif options.num_iter > 0:
-        rounding = _rounding()
-        ws = w.float()
-        if scale != 1.0:
-            ws = ws * (1.0 / scale)  # exact: power of two
-        try:
-            res = rounding.round_to_fp16(ws, top_k=options.top_k, num_iter=options.num_iter,
-                                         calibration=layer_cal, cancel=cancel_fn)
-        except ValueError as e:  # e.g. calibration statistics of another width than this weight
-            raise ConversionError(f"{path}: tensor '{key}': {e}") from None
-        q, info = res.q, dict(res.info)
-        if not torch.equal(q, q_rtn):
-            _, m = measure(w, scale, q, max_abs=max_abs)
-            if options.calib_samples > 0 and layer_cal is None:  # calibrated layers report real output errors
-                m.update(_out_randn(w, q, q_rtn, scale, options.calib_samples, device))
-    m["max_abs"] = max_abs
-    if m["nonfinite"]:  # cannot happen with the clamped scales; a guard against writing a broken file
-        raise ConversionError(f"{path}: tensor '{key}' produced {m['nonfinite']} non-finite fp16 values")
-    if m["rel_error"] > LOSSY_REL_ERROR or m["flushed_to_zero"] > LOSSY_FLUSHED * m["numel"]:
-        m["lossy"] = _lossy_reason(m)
-    delta = None
-    if layer_cal is not None and options.bias_correction and layer_cal.has_bias:
-        from .calibration import bias_correction_figures
-        deq = q.float() * scale if scale != 1.0 else q.float()
-        delta, figures = bias_correction_figures(deq, w.float(), layer_cal, q_rtn.float() * scale)
-        info = {**info, **figures}
-    m.update(info)
-    m["seconds"] = time.perf_counter() - t0
-    return q, torch.tensor([scale], dtype=torch.float32), m, delta
-
-
-def _lossy_reason(m: dict) -> str:
-    parts = [f"relF {m['rel_error']:.3g}"]
-    if m["flushed_to_zero"]:
-        parts.append(f"{m['flushed_to_zero']} of {m['numel']} values stored as 0")
-    if m["max_abs"] > fp16_limit(m["scale"]) * m["scale"]:
-        parts.append("values beyond float32's range saturated")
-    return "; ".join(parts)
-
-
-def _out_randn(w: torch.Tensor, q: torch.Tensor, q_rtn: torch.Tensor, scale: float, samples: int,
-               device: torch.device) -> dict:
-    """The out(randn) figure (report only) for a weight the learned rounding changed, measured on `samples`
-    synthetic rows (`calib_samples`); on the CPU only where it is cheap enough (see rounding.OUT_RANDN_CPU_FLOP)."""
-    rounding = _rounding()
-    if device.type == "cpu" and rounding.out_randn_flop(tuple(w.shape), samples) > rounding.OUT_RANDN_CPU_FLOP:
-        return {"out_randn_skipped": "cost on the CPU"}
-    return rounding.synthetic_output_error(w, q.float() * scale, samples, rtn_deq=q_rtn.float() * scale)
-
-
 def convert_file(src: str, dst: str | None = None, options: ConvertOptions | None = None,
                  on_event: EventCallback | None = None, cancel: CancelHook | None = None,
                  report_path: str | None = None) -> dict:
@@ -295,165 +89,200 @@ def convert_file(src: str, dst: str | None = None, options: ConvertOptions | Non
     options.validate()
     check_input_path(src)
     dst = dst or fmt.default_output_path(src, options.keep_distillation)
+    device = _check(src, dst, options, report_path)
+    with SafetensorsReader(src) as reader:
+        return _run(reader, dst, options, device, on_event, cancel, report_path)
+
+
+def convert(source: TensorSource, dst: str, options: ConvertOptions | None = None,
+            on_event: EventCallback | None = None, cancel: CancelHook | None = None,
+            report_path: str | None = None) -> dict:
+    """Convert any tensor source (a `SafetensorsReader`, or a `sources.StateDictSource` for tensors in memory) to
+    the scaled-FP16 file `dst`. Same events, cancel, report and no-partial-file guarantees as `convert_file`."""
+    options = options or ConvertOptions()
+    options.validate()
+    src = source.path if isinstance(source, SafetensorsReader) else None  # a file: never overwrite it
+    device = _check(src, dst, options, report_path)
+    return _run(source, dst, options, device, on_event, cancel, report_path)
+
+
+def _check(src: str | None, dst: str, options: ConvertOptions, report_path: str | None) -> torch.device:
+    """Every check of the output, the report path and the device, before anything is opened or written."""
     check_output_path(src, dst, options.overwrite, options.calibration)
     if report_path:
         check_report_path(report_path, src, dst, options.overwrite, options.calibration)
-    resolve_device(options.device)  # before opening anything: a bad device is a usage error
-    with SafetensorsReader(src) as reader:
-        return convert(reader, dst, options, on_event, cancel, report_path)
+    return resolve_device(options.device)  # a bad device is a usage error
 
 
-def convert(source, dst: str, options: ConvertOptions | None = None, on_event: EventCallback | None = None,
-            cancel: CancelHook | None = None, report_path: str | None = None) -> dict:
-    """Convert any tensor source (a `SafetensorsReader`, or a `sources.StateDictSource` for tensors in memory) to
-    the scaled-FP16 file `dst`. Same events, cancel, report and no-partial-file guarantees as `convert_file`.
-
-    Whatever the conversion held on a GPU (the rounding's captured graphs, their buffers, torch's cache of the
+def _run(source: TensorSource, dst: str, options: ConvertOptions, device: torch.device,
+         on_event: EventCallback | None, cancel: CancelHook | None, report_path: str | None) -> dict:
+    """Whatever the conversion held on a GPU (the rounding's captured graphs, their buffers, torch's cache of the
     tensors it used) is given back when it ends, however it ends."""
     try:
-        return _convert(source, dst, options, on_event, cancel, report_path)
+        started = time.time()
+        for folder in {os.path.dirname(os.path.abspath(p)) for p in (dst, report_path) if p}:
+            clean_stale_temps(folder, started)  # left by a conversion that was killed (no handler saw it)
+        return _Conversion(source, dst, options, device, on_event, cancel).run(report_path)
     finally:
         _release_device_memory()
 
 
-def _convert(source, dst: str, options: ConvertOptions | None, on_event: EventCallback | None,
-             cancel: CancelHook | None, report_path: str | None) -> dict:
-    options = options or ConvertOptions()
-    options.validate()
-    check_output_path(source.path if isinstance(source, SafetensorsReader) else None, dst, options.overwrite,
-                      options.calibration)
-    if report_path:
-        check_report_path(report_path, source.path if isinstance(source, SafetensorsReader) else None, dst,
-                          options.overwrite, options.calibration)
-    device = resolve_device(options.device)
-    started = time.time()
-    for folder in {os.path.dirname(os.path.abspath(p)) for p in (dst, report_path) if p}:
-        clean_stale_temps(folder, started)  # left by a conversion that was killed (no handler saw it)
-    emit = on_event or (lambda e: None)
-    rules = fmt.Rules(options.t5xxl, options.keep_distillation)
-    src = source.path
+class _Conversion:
+    """One conversion's plan, buffers and threads; `run` streams the plan through them."""
 
-    calibration = None
-    if options.calibration:
-        from .calibration import load_calibration
-        calibration = load_calibration(options.calibration)
+    def __init__(self, source: TensorSource, dst: str, options: ConvertOptions, device: torch.device,
+                 on_event: EventCallback | None, cancel: CancelHook | None):
+        self.source, self.dst, self.options, self.device = source, dst, options, device
+        self.emit = on_event or (lambda e: None)
+        self.cancel = cancel
+        self.rules = fmt.Rules(options.t5xxl, options.keep_distillation)
+        self.calibration = None
+        if options.calibration:
+            from .calibration import load_calibration
+            self.calibration = load_calibration(options.calibration)
+        self.items = fmt.plan(source.header, self.rules)
+        self.total = len(self.items)
+        self.bytes_total = sum(i.nbytes for i in self.items)
+        self.cuda = device.type == "cuda"
+        self.bias_deltas: dict[str, torch.Tensor] = {}
 
-    t_start = time.perf_counter()
-    reader = source
-    header = source.header
-    items = fmt.plan(header, rules)
-    total = len(items)
-    bytes_total = sum(i.nbytes for i in items)
-    meta = fmt.metadata(header.metadata, src, options.settings(), __version__)
-    summary = Summary(src, dst, options.settings(), header.file_size)
-    with StreamingWriter(dst, fmt.output_entries(items, rules), meta, options.overwrite) as writer, \
-            (AtomicFile(report_path, options.overwrite) if report_path else _NoFile()) as report_file:
-        emit({"type": "start", "source": src, "output": dst, "total": total, "bytes_total": bytes_total,
-              "settings": options.settings(), "device": str(device)})
-        keys = [i.key for i in items if i.action != fmt.REMOVE]
-        cuda = device.type == "cuda"
-        # reusable host buffers: results for any source; reads only where the source can read into a buffer.
-        # CPU: one buffer per tensor in flight (prefetch queue + the one in use; written-out ones come back)
-        count = 2 if cuda else 3
-        biggest_q = max((2 * math.prod(i.shape) for i in items if i.action == fmt.QUANTIZE), default=0)
-        out_pool = _BufferPool(biggest_q, count, pin=cuda) if biggest_q else None
-        in_pool = None
-        if isinstance(reader, SafetensorsReader):
-            in_pool = _BufferPool(max((i.nbytes for i in items), default=1), count, pin=cuda)
-        prefetch = _Prefetcher(reader, keys, pool=in_pool)
-        out = _WriterThread(writer)
-        bias_deltas: dict[str, torch.Tensor] = {}
-        bytes_done = 0
-        try:
-            for index, item in enumerate(items, 1):
-                _check_cancel(cancel, index, total)
-                cancel_fn = (lambda i=index: _check_cancel(cancel, i, total)) if cancel else None
-                scale = None
-                m: dict = {}
-                buf = None
-                if item.action != fmt.REMOVE:
-                    key, t, buf = prefetch.get()
-                    assert key == item.key
-                if item.action == fmt.QUANTIZE:
-                    layer_cal = calibration.get(item.key) if calibration is not None else None
-                    obuf = out_pool.acquire() if out_pool is not None and not cuda else None
-                    try:
-                        q, scale_t, m, delta = _quantize(item.key, t, options, device, layer_cal, cancel_fn, src,
-                                                         out=obuf)
-                    except BaseException:
-                        if obuf is not None:
-                            out_pool.release(obuf)
-                        raise
-                    scale = float(scale_t[0])
-                    if buf is not None:  # done with the input (on a GPU: _quantize synced on its metrics)
-                        in_pool.release(buf)
-                    if obuf is not None:  # CPU: the result sits in the pooled buffer unless rounding replaced it
-                        if q.untyped_storage().data_ptr() == obuf.data_ptr():
-                            out.put(item.key, q, lambda b=obuf: out_pool.release(b))
-                        else:
-                            out_pool.release(obuf)
-                            out.put(item.key, q)
-                    elif cuda and out_pool is not None:
-                        obuf = out_pool.acquire()
-                        host = obuf[: 2 * q.numel()].view(torch.float16).view(q.shape)
-                        host.copy_(q, non_blocking=True)
-                        torch.cuda.current_stream(device).synchronize()
-                        out.put(item.key, host, lambda b=obuf: out_pool.release(b))
-                    else:
-                        out.put(item.key, q.cpu())
-                    out.put(item.outputs[1][0], scale_t)
-                    if rules.t5xxl:
-                        out.put(item.outputs[2][0], scale_t.clone())
-                    if delta is not None:
-                        bias_deltas[fmt.layer_of(item.key) + ".bias"] = delta
-                elif item.action == fmt.KEEP_UNSCALED:
-                    scale = 1.0
-                    out.put(item.key, t, _releaser(in_pool, buf))
-                    out.put(item.outputs[1][0], torch.ones(1, dtype=torch.float32))
-                elif item.action == fmt.KEEP:
-                    delta = bias_deltas.pop(item.key, None)
-                    if delta is not None:
-                        t, m = _apply_bias_delta(t, delta)
-                    out.put(item.key, t, _releaser(in_pool, buf))
-                bytes_done += item.nbytes
-                elapsed = time.perf_counter() - t_start
-                rate = bytes_done / elapsed if elapsed > 0 else None
-                event = {
-                    "type": "tensor", "key": item.key, "index": index, "total": total,
-                    "shape": list(item.shape), "dtype": fmt.dtype_name(item.dtype),
-                    "action": fmt.ACTION_NAMES[item.action], "scale": scale,
-                    "bytes_done": bytes_done, "bytes_total": bytes_total, "elapsed_s": elapsed,
-                    "eta_s": (bytes_total - bytes_done) / rate if rate else None,
-                    "rate_bytes_s": rate, "metrics": m,
-                }
-                summary.add(event)
-                emit(event)
-            for key, marker in fmt.markers(rules).items():
-                out.put(key, marker)
-            out.finish()
-        except BaseException:
-            prefetch.close()
+    def run(self, report_path: str | None) -> dict:
+        src, options = self.source.path, self.options
+        t_start = time.perf_counter()
+        meta = fmt.metadata(self.source.header.metadata, src, options.settings(), __version__)
+        summary = Summary(src, self.dst, options.settings(), self.source.header.file_size)
+        with StreamingWriter(self.dst, fmt.output_entries(self.items, self.rules), meta, options.overwrite) as writer, \
+                (AtomicFile(report_path, options.overwrite) if report_path else _NoFile()) as report_file:
+            self.emit({"type": "start", "source": src, "output": self.dst, "total": self.total,
+                       "bytes_total": self.bytes_total, "settings": options.settings(), "device": str(self.device)})
+            self._pools()
+            self.prefetch = Prefetcher(self.source, [i.key for i in self.items if i.action != fmt.REMOVE],
+                                       pool=self.in_pool)
+            self.out = WriterThread(writer)
             try:
-                out.finish()
+                bytes_done = 0
+                for index, item in enumerate(self.items, 1):
+                    _check_cancel(self.cancel, index, self.total)
+                    scale, m = self._convert_item(index, item)
+                    bytes_done += item.nbytes
+                    event = self._tensor_event(index, item, scale, m, bytes_done, time.perf_counter() - t_start)
+                    summary.add(event)
+                    self.emit(event)
+                for key, marker in fmt.markers(self.rules).items():
+                    self.out.put(key, marker)
+                self.out.finish()
             except BaseException:
-                pass
-            raise
-        prefetch.close()
-        writer.sync()
-        report = summary.finish(writer.total_bytes, time.perf_counter() - t_start)
-        if report_path:
-            report_file.write(report_json(report).encode("utf-8"))
-            report_file.sync()
-        _check_cancel(cancel, total, total)  # the last moment a cancel leaves nothing behind
-        writer.commit()
-        if report_path:
-            try:
-                report_file.commit()
-            except BaseException:
-                os.unlink(writer.path)  # both or neither
+                self.prefetch.close()
+                try:
+                    self.out.finish()
+                except BaseException:
+                    pass
                 raise
-    emit({"type": "done", "report": report})
-    return report
+            self.prefetch.close()
+            writer.sync()
+            report = summary.finish(writer.total_bytes, time.perf_counter() - t_start)
+            if report_path:
+                report_file.write(report_json(report).encode("utf-8"))
+                report_file.sync()
+            _check_cancel(self.cancel, self.total, self.total)  # the last moment a cancel leaves nothing behind
+            writer.commit()
+            if report_path:
+                try:
+                    report_file.commit()
+                except BaseException:
+                    os.unlink(writer.path)  # both or neither
+                    raise
+        self.emit({"type": "done", "report": report})
+        return report
+
+    def _pools(self) -> None:
+        """Reusable host buffers: results for any source; reads only where the source reads into buffers.
+        CPU: one buffer per tensor in flight (prefetch queue + the one in use; written-out ones come back)."""
+        count = 2 if self.cuda else 3
+        biggest_q = max((2 * math.prod(i.shape) for i in self.items if i.action == fmt.QUANTIZE), default=0)
+        self.out_pool = BufferPool(biggest_q, count, pin=self.cuda) if biggest_q else None
+        self.in_pool = None
+        if self.source.reads_into_buffers:
+            self.in_pool = BufferPool(max((i.nbytes for i in self.items), default=1), count, pin=self.cuda)
+
+    def _convert_item(self, index: int, item: fmt.PlanItem) -> tuple[float | None, dict]:
+        """Read, convert and hand one planned tensor to the writer; returns (scale or None, its figures)."""
+        if item.action == fmt.REMOVE:
+            return None, {}
+        key, t, buf = self.prefetch.get()
+        assert key == item.key
+        if item.action == fmt.QUANTIZE:
+            return self._quantize_item(index, item, t, buf)
+        if item.action == fmt.KEEP_UNSCALED:
+            self.out.put(item.key, t, self._releaser(self.in_pool, buf))
+            self.out.put(item.outputs[1][0], torch.ones(1, dtype=torch.float32))
+            return 1.0, {}
+        m: dict = {}
+        delta = self.bias_deltas.pop(item.key, None)  # KEEP: a bias whose weight's rounding asked to correct it
+        if delta is not None:
+            t, m = _apply_bias_delta(t, delta)
+        self.out.put(item.key, t, self._releaser(self.in_pool, buf))
+        return None, m
+
+    def _quantize_item(self, index: int, item: fmt.PlanItem, t: torch.Tensor, buf: torch.Tensor | None
+                       ) -> tuple[float, dict]:
+        layer_cal = self.calibration.get(item.key) if self.calibration is not None else None
+        cancel_fn = (lambda: _check_cancel(self.cancel, index, self.total)) if self.cancel else None
+        obuf = self.out_pool.acquire() if self.out_pool is not None and not self.cuda else None
+        try:
+            r = quantize(item.key, t, self.options, self.device, layer_cal, cancel_fn, self.source.path, out=obuf)
+        except BaseException:
+            if obuf is not None:
+                self.out_pool.release(obuf)
+            raise
+        if buf is not None:  # done with the input (on a GPU: quantize synced on its figures)
+            self.in_pool.release(buf)
+        self._put_fp16(item.key, r.q, obuf)
+        scale_t = r.scale_tensor()
+        self.out.put(item.outputs[1][0], scale_t)
+        if self.rules.t5xxl:
+            self.out.put(item.outputs[2][0], scale_t.clone())
+        if r.bias_delta is not None:
+            self.bias_deltas[fmt.layer_of(item.key) + ".bias"] = r.bias_delta
+        return float(scale_t[0]), r.figures
+
+    def _put_fp16(self, key: str, q: torch.Tensor, obuf: torch.Tensor | None) -> None:
+        """Hand the stored fp16 tensor to the writer from host memory the pool recycles where it can."""
+        if obuf is not None:  # CPU: the result sits in the pooled buffer unless rounding replaced it
+            if q.untyped_storage().data_ptr() == obuf.data_ptr():
+                self.out.put(key, q, lambda: self.out_pool.release(obuf))
+            else:
+                self.out_pool.release(obuf)
+                self.out.put(key, q)
+        elif self.cuda and self.out_pool is not None:
+            obuf = self.out_pool.acquire()
+            host = obuf[: 2 * q.numel()].view(torch.float16).view(q.shape)
+            host.copy_(q, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            self.out.put(key, host, lambda: self.out_pool.release(obuf))
+        else:
+            self.out.put(key, q.cpu())
+
+    def _tensor_event(self, index: int, item: fmt.PlanItem, scale: float | None, m: dict, bytes_done: int,
+                      elapsed: float) -> dict:
+        rate = bytes_done / elapsed if elapsed > 0 else None
+        return {
+            "type": "tensor", "key": item.key, "index": index, "total": self.total,
+            "shape": list(item.shape), "dtype": fmt.dtype_name(item.dtype),
+            "action": fmt.ACTION_NAMES[item.action], "scale": scale,
+            "bytes_done": bytes_done, "bytes_total": self.bytes_total, "elapsed_s": elapsed,
+            "eta_s": (self.bytes_total - bytes_done) / rate if rate else None,
+            "rate_bytes_s": rate, "metrics": m,
+        }
+
+    @staticmethod
+    def _releaser(pool: BufferPool | None, buf: torch.Tensor | None) -> Callable[[], None] | None:
+        return (lambda: pool.release(buf)) if pool is not None and buf is not None else None
+
+
+def _check_cancel(cancel: CancelHook | None, index: int, total: int) -> None:
+    if cancel is not None and cancel() is True:
+        raise Cancelled(f"cancelled at tensor {index}/{total}, no file written", index, total)
 
 
 class _NoFile:
@@ -464,37 +293,24 @@ class _NoFile:
         pass
 
 
-_ROUNDING = None  # the rounding module once a conversion needed it (whatever name the package was imported under)
-
-
-def _rounding():
-    global _ROUNDING
-    if _ROUNDING is None:
-        from . import rounding  # imported on first use: a plain --num_iter 0 conversion never needs it
-        _ROUNDING = rounding
-    return _ROUNDING
-
-
 def _release_device_memory() -> None:
-    """Give back what a conversion held on the GPU: the rounding's captured graphs and buffers (through the module
-    object imported above, so it works under any package name, e.g. the folder path ComfyUI imports a pack under),
-    then torch's cached blocks, so that whatever runs next in the process (in ComfyUI: sampling) finds them free."""
-    if _ROUNDING is not None:
-        _ROUNDING.release_device_memory()
+    """Give back what a conversion held on the GPU: the rounding's captured graphs and buffers (through the package
+    object quantize.py imported, so it works under any package name, e.g. the folder path ComfyUI imports a pack
+    under), then torch's cached blocks, so that whatever runs next in the process (in ComfyUI: sampling) finds them
+    free."""
+    rounding = loaded_rounding()
+    if rounding is not None:
+        rounding.release_device_memory()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
-        # cuBLAS keeps a workspace (32 MiB on Hopper) for every stream that ran a matrix product, the rounding's
-        # capture streams included, allocated through torch's allocator and never freed by empty_cache(): two
-        # conversions left 96 MiB allocated on an H200. torch's own (underscored) hook drops them; the next
-        # product anywhere allocates its workspace again.
+        # cuBLAS keeps a workspace for every stream that ran a matrix product, the rounding's capture streams
+        # included, allocated through torch's allocator and never freed by empty_cache() (measured:
+        # benchmarks/gpu_memory_after_conversion.py). torch's own (underscored) hook drops them; the next product
+        # anywhere allocates its workspace again.
         clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
         if clear_workspaces is not None:
             clear_workspaces()
         torch.cuda.empty_cache()
-
-
-def _releaser(pool: _BufferPool | None, buf: torch.Tensor | None) -> Callable[[], None] | None:
-    return (lambda: pool.release(buf)) if pool is not None and buf is not None else None
 
 
 def _apply_bias_delta(bias: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -7,6 +7,7 @@ reorder the line with bidirectional overrides, and the message stays on one line
 """
 
 import re
+from typing import Callable
 
 # C0 and C1 control characters, DEL, and the Unicode bidirectional controls (embeddings, overrides, isolates,
 # marks), plus line/paragraph separators
@@ -41,3 +42,9 @@ class Cancelled(ConversionError):
         super().__init__(message)
         self.index = index
         self.total = total
+
+
+def check_cancel(cancel: Callable[[], object] | None) -> None:
+    """Raise `Cancelled` if `cancel()` says so (it cancels by returning True, or by raising itself)."""
+    if cancel is not None and cancel() is True:
+        raise Cancelled("cancelled during rounding")

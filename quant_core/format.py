@@ -13,13 +13,10 @@ distillation/in/out layers in their source dtype with ``scale_weight`` = 1.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from .errors import ConversionError
 from .safetensors_io import DTYPES, FLOAT_DTYPES, Header, SafetensorsReader
@@ -28,8 +25,6 @@ FORMAT_NAME = "scaled_fp16"
 FORMAT_VERSION = "1"
 MARKER_KEY = "scaled_fp16"
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
-# markers other converters use; a file carrying one is already quantized
-FOREIGN_MARKERS = ("scaled_fp8",)
 
 T5_REMOVE = ("decoder", "lm_head")
 T5_KEEP = ("norm", "bias", "embed_tokens", "shared")
@@ -44,6 +39,8 @@ ACTION_NAMES = {QUANTIZE: "quantized", KEEP: "kept", REMOVE: "removed", KEEP_UNS
 # (comfy.utils.convert_old_quants), so it is never written any more. Files that have it next to our own marker still
 # load right in this pack's loaders; `strip_fp8_marker` rewrites them without it.
 FP8_MARKER_KEY = "scaled_fp8"
+# markers other converters use; a file carrying one is already quantized
+FOREIGN_MARKERS = (FP8_MARKER_KEY,)
 FP8_MARKER_REMOVED = ("the scaled_fp8 marker option was removed: ComfyUI 0.8.0 and later cast every weight of a "
                       "file carrying that marker to fp8 (relative L2 error of the sampled output 1.1e-1 measured "
                       "on a FLUX-architecture model); load scaled FP16 files with this pack's loaders")
@@ -150,16 +147,12 @@ def default_output_path(input_path: str, keep_distillation: bool) -> str:
     return f"{base}_float16_scaled_learned{'_nodistill' if keep_distillation else ''}_svd.safetensors"
 
 
-# --- reading scaled files back -------------------------------------------------------------------------------
-
-def is_scaled_fp16(header: Header) -> bool:
-    return MARKER_KEY in header.tensors
-
+# --- files of an earlier version ------------------------------------------------------------------------------
 
 def has_fp8_marker(header: Header) -> bool:
     """A scaled-FP16 file that also carries ComfyUI's `scaled_fp8` marker (written by earlier versions on request):
     ComfyUI 0.8.0 and later's stock loaders cast its weights to fp8."""
-    return is_scaled_fp16(header) and FP8_MARKER_KEY in header.tensors
+    return MARKER_KEY in header.tensors and FP8_MARKER_KEY in header.tensors
 
 
 def strip_fp8_marker(src: str, dst: str | None = None, overwrite: bool = False) -> str:
@@ -178,7 +171,7 @@ def strip_fp8_marker(src: str, dst: str | None = None, overwrite: bool = False) 
         header = reader.header
         if FP8_MARKER_KEY not in header.tensors:
             raise ConversionError(f"{src}: has no '{FP8_MARKER_KEY}' marker; nothing to strip")
-        if not is_scaled_fp16(header):
+        if MARKER_KEY not in header.tensors:
             raise ConversionError(f"{src}: not a scaled-FP16 file (no '{MARKER_KEY}' tensor): its "
                                   f"'{FP8_MARKER_KEY}' marker belongs to an fp8 model, which needs it")
         if not in_place and os.path.exists(dst) and not overwrite:
@@ -191,85 +184,6 @@ def strip_fp8_marker(src: str, dst: str | None = None, overwrite: bool = False) 
                 writer.write(key, reader.read_into(key, buf))
             writer.commit()
     return dst
-
-
-def _lossless_dtype(w: torch.Tensor) -> torch.dtype:
-    """The smallest of fp16/bf16/fp32 that holds every value of float32 `w` exactly."""
-    for dt in (torch.float16, torch.bfloat16):
-        c = w.to(dt)
-        if torch.isfinite(c).all() and torch.equal(c.float(), w):
-            return dt
-    return torch.float32
-
-
-SCALE_AT_LOAD, SCALE_AUTO, SCALE_AT_RUN = "load", "auto", "run"
-SCALE_MODES = (SCALE_AUTO, SCALE_AT_LOAD, SCALE_AT_RUN)
-
-
-def _fits(w: torch.Tensor, dtype: torch.dtype) -> bool:
-    c = w.to(dtype)
-    return bool(torch.isfinite(c).all()) and torch.equal(c.float(), w)
-
-
-def iter_dequantized(path: str, dtype: torch.dtype | None = None, scale_at: str = SCALE_AT_LOAD,
-                     kept_scaled: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) of a scaled-FP16 (or plain) safetensors file, one tensor at a time.
-
-    `scale_at` says what happens to a weight whose scale is not 1:
-    - "load": it comes out as ``weight.float() * scale_weight`` cast to `dtype`; with ``dtype=None`` it gets the
-      smallest dtype that holds the dequantized values exactly (fp16 for in-range values, else bf16 or fp32);
-    - "run": it comes out as stored (cast to `dtype` if given), followed by its ``scale_weight``, for a loader that
-      applies the scale at run time; its key is appended to `kept_scaled`;
-    - "auto": "load" where the product fits the weight's own stored dtype exactly, else "run".
-    Other scale and marker tensors are dropped. Other tensors keep their dtype unless `dtype` is given and they are
-    floating.
-    """
-    if scale_at not in SCALE_MODES:
-        raise ValueError(f"scale_at must be one of {SCALE_MODES}, got {scale_at!r}")
-    header = SafetensorsReader(path).header  # validates the file, names it in errors
-    keyset = set(header.tensors)
-    # the loaders hand these tensors to ComfyUI, which copies them into the model: read them through the library's
-    # own reader, as ComfyUI's loaders do, so that loading costs what the stock loaders cost
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for key in header.tensors:
-            if key == MARKER_KEY or key in FOREIGN_MARKERS or key.endswith(SCALE_SUFFIXES):
-                continue
-            t = f.get_tensor(key)
-            scale_key = layer_of(key) + ".scale_weight" if key.endswith(".weight") else None
-            if scale_key in keyset:
-                s = f.get_tensor(scale_key).float().reshape(-1)
-                if s.numel() != 1:
-                    raise ConversionError(f"{path}: '{scale_key}' must hold one value, has shape {list(s.shape)}")
-                scale = float(s[0])
-                if not (math.isfinite(scale) and scale > 0.0):  # NaN, inf, 0 or < 0 would load broken weights
-                    raise ConversionError(f"{path}: '{scale_key}' is {scale}; a scale must be finite and > 0 "
-                                          "(the file is damaged or was not written by a scaled-FP16 converter)")
-                if scale != 1.0:
-                    w = None
-                    keep = scale_at == SCALE_AT_RUN
-                    if scale_at == SCALE_AUTO:
-                        w = t.float() * scale
-                        keep = not _fits(w, t.dtype)
-                    if keep:
-                        del w
-                        if kept_scaled is not None:
-                            kept_scaled.append(key)
-                        yield key, (t.to(dtype) if dtype is not None else t)
-                        yield scale_key, s.clone()  # not a view of the file's memory map
-                        continue
-                    w = t.float() * scale if w is None else w
-                    t = w.to(dtype) if dtype is not None else w.to(_lossless_dtype(w))
-                elif dtype is not None:
-                    t = t.to(dtype)
-            elif dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            yield key, t
-
-
-def load_dequantized_state_dict(path: str, dtype: torch.dtype | None = None, scale_at: str = SCALE_AT_LOAD,
-                                kept_scaled: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """A state dict from a scaled-FP16 file (see `iter_dequantized`), built one tensor at a time."""
-    return dict(iter_dequantized(path, dtype, scale_at, kept_scaled))
 
 
 def dtype_name(dtype: str) -> str:

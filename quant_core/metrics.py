@@ -1,19 +1,23 @@
 """Per-tensor quality metrics, always measured on what is stored (the fp16 values times the scale).
 
-Figures follow ../shared/research/rounding.md section 6. The work is done in one fused pass over cache-sized chunks
-(on the CPU a pass over a whole FLUX tensor per operation would cost more than the conversion itself); on a GPU the
-chunk is the whole tensor. The pass can also produce the round-to-nearest (RTN) fp16 tensor itself, so plain
-conversion costs a single sweep. Sums are float32 per chunk, accumulated in float64; one host sync per tensor.
+The figures are defined in docs/rounding.md ("Figures") and listed with their units in docs/ARCHITECTURE.md
+("Report schema"). The work is done in one fused pass over cache-sized chunks (on the CPU a pass over a whole FLUX
+tensor per operation would cost more than the conversion itself); on a GPU the chunk is the whole tensor. The pass
+can also produce the round-to-nearest (RTN) fp16 tensor itself, so plain conversion costs a single sweep. Sums are
+float32 per chunk, accumulated in float64; one host sync per tensor.
+
+Also here: out(randn), the output error on synthetic rows the report gives for tensors the rounding changed.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 
-FP16_MIN_NORMAL = 2.0 ** -14
-FP16_MAX = 65504.0
+from .scaling import FP16_MAX, FP16_MIN_NORMAL
+
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # Inside this range of max|w| the float32 sums of the fast paths can neither overflow nor lose the figure to
 # underflow (squares of the relevant errors stay far above float32's smallest normal). Tensors outside it, which
@@ -21,8 +25,48 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 SAFE_MIN, SAFE_MAX = 2.0 ** -40, 2.0 ** 40
 CPU_CHUNK = 1 << 17  # elements: 1 MiB of float32, stays in L2
 # the exact-source path reuses three preallocated buffers; with no allocation per step larger chunks win
-# (75M BF16 elements on 2 cores: 97 ms at 2^17, 60 ms at 2^19, 55 ms at 2^20; 12 MiB of buffers stay in L3)
+# (12 MiB of buffers stay in L3; timings by chunk size in docs/ARCHITECTURE.md)
 EXACT_CHUNK = 1 << 20
+
+
+@dataclass
+class Measurement:
+    """What `measure` finds for one stored tensor (q fp16 with power-of-two `scale`) against its weight w.
+
+    Figures: max_abs (max |w|), nonfinite (stored values that are not finite), flushed_to_zero (nonzero weights
+    stored as 0), subnormal (stored fp16 subnormals), rel_error = ||Q s - W|| / ||W||, rtn_rel_error (the same for
+    round-to-nearest), error_ratio (rel_error / rtn_rel_error; 1 when both are 0), max_rel_error
+    (max |q s - w| / max(|w|, s 2^-14): the relative error over fp16's normal range), bit_exact_fraction
+    (dequantized == source), changed_vs_rtn (share of elements stored otherwise than RTN would), numel.
+    Sums for totals across tensors (float64, in units of 2^sq_exp; sq_exp is 0 except for tensors outside the safe
+    range): err_sq = ||Q s - W||^2, rtn_err_sq, w_sq = ||W||^2; tiny_err_sq bounds the squared error of the elements
+    below s 2^-14 (absolute units), which the auto scale policy weighs.
+    """
+
+    max_abs: float
+    scale: float
+    nonfinite: int
+    flushed_to_zero: int
+    subnormal: int
+    rel_error: float
+    rtn_rel_error: float
+    error_ratio: float
+    max_rel_error: float
+    bit_exact_fraction: float
+    changed_vs_rtn: float
+    numel: int
+    err_sq: float
+    rtn_err_sq: float
+    w_sq: float
+    sq_exp: int = 0
+    tiny_err_sq: float = 0.0
+
+    def as_dict(self) -> dict:
+        """The figures as event/report fields (sq_exp only where it is not 0)."""
+        d = asdict(self)
+        if not self.sq_exp:
+            del d["sq_exp"]
+        return d
 
 
 def _chunks(n: int, device: torch.device, cpu_step: int = CPU_CHUNK):
@@ -44,19 +88,13 @@ def in_safe_range(max_abs: float) -> bool:
 
 
 def measure(w: torch.Tensor, scale: float, q: torch.Tensor | None = None,
-            out: torch.Tensor | None = None, max_abs: float | None = None) -> tuple[torch.Tensor, dict]:
+            out: torch.Tensor | None = None, max_abs: float | None = None) -> tuple[torch.Tensor, Measurement]:
     """Measure fp16 `q` (with power-of-two `scale`) against weight `w` (any float dtype), beside RTN.
 
     With ``q=None`` the RTN tensor is built in the same pass and measured (it is then both result and baseline);
     `out`, a buffer of at least 2 * numel bytes on w's device, receives it instead of fresh memory.
 
-    Returns (q, metrics) with plain floats/ints: max_abs, scale, nonfinite, flushed_to_zero (nonzero weights stored
-    as 0), subnormal (stored fp16 subnormals), rel_error = ||Q-W||/||W||, rtn_rel_error, error_ratio
-    (rel_error / rtn_rel_error; 1 when both are 0), max_rel_error (max |q*s-w| / max(|w|, s*2^-14): the relative
-    error over fp16's normal range), bit_exact_fraction (dequantized == source), changed_vs_rtn, tiny (elements
-    below s*2^-14, where fp16 is subnormal), tiny_err_sq (a bound on the squared error of those), and internal
-    sums err_sq, rtn_err_sq, w_sq (float64) for totals, in units of 2^sq_exp (only tensors outside the safe range
-    carry sq_exp; it is 0 otherwise). `max_abs` (max |w|, if the caller has it) picks the path.
+    Returns (q, `Measurement`). `max_abs` (max |w|, if the caller has it) picks the path.
     """
     if max_abs is None:
         max_abs = float(w.abs().max()) if w.numel() else 0.0
@@ -113,17 +151,10 @@ def measure(w: torch.Tensor, scale: float, q: torch.Tensor | None = None,
     nz_w, nz_q, below, tiny, e_sq, w_sq, inexact, rtn_sq, changed, max_abs_v, max_rel_v = vals
     m = _finish(n, scale, e_sq, w_sq, inexact, nz_w - nz_q, below - (n - nz_q), rtn_sq, changed, max_abs_v,
                 max_rel_v)
-    m["tiny_err_sq"] = tiny * (scale * 2.0 ** -25) ** 2  # bound: a tiny element errs by <= half a subnormal step
+    m.tiny_err_sq = tiny * (scale * 2.0 ** -25) ** 2  # bound: a tiny element errs by <= half a subnormal step
     if e_sq != e_sq or e_sq == float("inf"):
-        m["nonfinite"] = int(torch.count_nonzero(~torch.isfinite(q_flat)))
+        m.nonfinite = int(torch.count_nonzero(~torch.isfinite(q_flat)))
     return q_flat.view(w.shape), m
-
-
-def _count_nonzero(x: torch.Tensor) -> torch.Tensor:
-    """Number of nonzero elements of a float tensor, as a float32 scalar (sign + dot is ~2x faster on the CPU than
-    count_nonzero, which builds a boolean mask; exact up to 2^24 elements, far above a chunk)."""
-    s = torch.sign(x)
-    return torch.dot(s, s)
 
 
 def _fp16_buffer(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -133,7 +164,7 @@ def _fp16_buffer(out: torch.Tensor | None, n: int, device: torch.device) -> torc
 
 
 def _measure_rtn_exact_source(w: torch.Tensor, scale: float,
-                              out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                              out: torch.Tensor | None = None) -> tuple[torch.Tensor, Measurement]:
     """`measure(w, scale)` for BF16/FP16 sources on the CPU, in a fraction of the work.
 
     Such values are exactly representable in fp16 after a power-of-two scale unless they fall below fp16's smallest
@@ -179,12 +210,12 @@ def _measure_rtn_exact_source(w: torch.Tensor, scale: float,
     below = n - normal  # stored |q| < 2^-14, zeros included
     m = _finish(n, scale, e_sq, w_sq, inexact, nz_w - nz_q, below - (n - nz_q), e_sq, 0,
                 float("nan"), float(dmax.max()) / lim)
-    m["tiny_err_sq"] = e_sq  # all of the error sits in the tiny elements
+    m.tiny_err_sq = e_sq  # all of the error sits in the tiny elements
     return q_flat.view(w.shape), m
 
 
 def _measure_wide(w: torch.Tensor, scale: float, q: torch.Tensor | None, out: torch.Tensor | None,
-                  max_abs: float) -> tuple[torch.Tensor, dict]:
+                  max_abs: float) -> tuple[torch.Tensor, Measurement]:
     """`measure` for tensors whose magnitudes would overflow or underflow float32 sums: float64 throughout, the sums
     normalised by a power of two near max|w| (reported in units of 2^sq_exp), the dequantized values computed as a
     loader computes them (fp16 times the float32 scale, in float32). RTN saturates at the largest fp16 value whose
@@ -215,31 +246,72 @@ def _measure_wide(w: torch.Tensor, scale: float, q: torch.Tensor | None, out: to
     e_sq, w_sq, rtn_sq = float(d @ d), float(wn @ wn), float(dr @ dr)
     max_rel = float(((back - wd).abs() / a.clamp(min=thr)).max()) if n else 0.0
     m = _finish(n, scale, e_sq, w_sq, inexact, nz_w - nz_q, below - (n - nz_q), rtn_sq, changed, max_abs, max_rel)
-    m["sq_exp"] = 2 * k
-    m["tiny_err_sq"] = tiny * (scale * 2.0 ** -25) ** 2  # absolute units, as in the fast paths
-    m["nonfinite"] = int(torch.count_nonzero(~torch.isfinite(q_flat))) + int(
+    m.sq_exp = 2 * k
+    m.tiny_err_sq = tiny * (scale * 2.0 ** -25) ** 2  # absolute units, as in the fast paths
+    m.nonfinite = int(torch.count_nonzero(~torch.isfinite(q_flat))) + int(
         torch.count_nonzero(~torch.isfinite(back)))
     return q_flat.view(w.shape), m
 
 
-def _finish(n, scale, e_sq, w_sq, inexact, flushed, subnormal, rtn_sq, changed, max_abs, max_rel) -> dict:
+def _finish(n, scale, e_sq, w_sq, inexact, flushed, subnormal, rtn_sq, changed, max_abs, max_rel) -> Measurement:
     wn = w_sq ** 0.5
     rel_error = (e_sq ** 0.5) / wn if wn > 0 else 0.0
     rtn_rel = (rtn_sq ** 0.5) / wn if wn > 0 else 0.0
-    return {
-        "max_abs": max_abs,
-        "scale": scale,
-        "nonfinite": 0,
-        "flushed_to_zero": int(flushed),
-        "subnormal": int(subnormal),
-        "rel_error": rel_error,
-        "rtn_rel_error": rtn_rel,
-        "error_ratio": rel_error / rtn_rel if rtn_rel > 0 else (1.0 if rel_error == 0 else float("inf")),
-        "max_rel_error": max_rel,
-        "bit_exact_fraction": (n - inexact) / n if n else 1.0,
-        "changed_vs_rtn": changed / n if n else 0.0,
-        "numel": n,
-        "err_sq": e_sq,
-        "rtn_err_sq": rtn_sq,
-        "w_sq": w_sq,
-    }
+    return Measurement(
+        max_abs=max_abs,
+        scale=scale,
+        nonfinite=0,
+        flushed_to_zero=int(flushed),
+        subnormal=int(subnormal),
+        rel_error=rel_error,
+        rtn_rel_error=rtn_rel,
+        error_ratio=rel_error / rtn_rel if rtn_rel > 0 else (1.0 if rel_error == 0 else float("inf")),
+        max_rel_error=max_rel,
+        bit_exact_fraction=(n - inexact) / n if n else 1.0,
+        changed_vs_rtn=changed / n if n else 0.0,
+        numel=n,
+        err_sq=e_sq,
+        rtn_err_sq=rtn_sq,
+        w_sq=w_sq,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# out(randn): the output error on synthetic rows (report only)
+
+OUT_RANDN_CPU_FLOP = 2e10  # on the CPU, out(randn) is measured only for tensors up to this cost (docs/ARCHITECTURE.md)
+
+
+def out_randn_flop(shape: tuple[int, ...], samples: int) -> float:
+    """Multiply-adds x 2 of `synthetic_output_error` for a weight of `shape`: three products with the rows."""
+    out = shape[0]
+    return 6.0 * samples * out * (math.prod(shape) // max(out, 1))
+
+
+def synthetic_output_error(w: torch.Tensor, q_deq: torch.Tensor, samples: int, seed: int = 0,
+                           rows_per_step: int = 1024, rtn_deq: torch.Tensor | None = None) -> dict:
+    """out(randn) of rounding.md: ||X (Q - W)^T|| / ||X W^T|| for `samples` rows of seeded standard-normal X, beside
+    the same for RTN. `w` [out, in] (or [out, ...]) in any float dtype, `q_deq` the stored weight dequantized to the
+    same units, `rtn_deq` round-to-nearest's (default: `w` cast to fp16, right for scale 1). Returns
+    {"out_randn": float, "rtn_out_randn": float, "out_randn_ratio": float, "out_randn_samples": int}.
+
+    Isotropic rows carry no information about the layer (in expectation the ratio is the relF ratio), so this is a
+    report only; it never feeds the rounding or a bias. X is drawn on w's device from a generator seeded with
+    `seed` (the CPU and a GPU draw different rows, so the figure differs between them in its last digits; the
+    stored bytes do not). Cost: `out_randn_flop`, in blocks of `rows_per_step` rows (memory ~ rows_per_step *
+    (in + 3 * out) floats). Sums in float64, in a fixed order."""
+    out = w.shape[0]
+    wf = w.reshape(out, -1).float()
+    e = q_deq.reshape(out, -1).float() - wf
+    er = (rtn_deq.reshape(out, -1).float() if rtn_deq is not None else wf.to(torch.float16).float()) - wf
+    g = torch.Generator(device=wf.device).manual_seed(seed)
+    acc = torch.zeros(3, dtype=torch.float64, device=wf.device)
+    done = 0
+    while done < samples:
+        r = min(rows_per_step, samples - done)
+        x = torch.randn(r, wf.shape[1], generator=g, device=wf.device)
+        acc += torch.stack([(x @ a.T).double().pow(2).sum() for a in (e, er, wf)])
+        done += r
+    err, rtn, ref = (float(v) ** 0.5 for v in acc.tolist())
+    return {"out_randn": err / ref if ref else 0.0, "rtn_out_randn": rtn / ref if ref else 0.0,
+            "out_randn_ratio": err / rtn if rtn else 1.0, "out_randn_samples": samples}

@@ -8,6 +8,7 @@ file, so a crash, a cancel or a full disk never leaves a partial output behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -166,37 +167,46 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= INT64_MAX
 
 
+@contextlib.contextmanager
+def open_checked(path: str):
+    """The safetensors library's own reader of `path` (memory-mapped, CPU), whose opening validates the file
+    (offsets, overlaps, holes); its failures become one `ConversionError` naming the file."""
+    try:
+        f = safe_open(path, framework="pt", device="cpu")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a Rust panic is a BaseException
+        raise ConversionError(f"{path}: not a valid safetensors file ({str(e)[:200]})") from None
+    with f:
+        yield f
+
+
 class SafetensorsReader:
     """Random-access tensor reader. The safetensors library's own reader validates the file when it is opened
     (offsets, overlaps, holes); tensor bytes are then read with pread, one tensor at a time."""
+
+    reads_into_buffers = True  # `read` wants a buffer (see sources.TensorSource)
 
     def __init__(self, path: str):
         self.header = read_header(path)
         self.path = path
         self._fd: int | None = None
-        try:
-            with safe_open(path, framework="pt", device="cpu"):
-                pass
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # the library's validation (overlaps, holes; a Rust panic is a BaseException)
-            raise ConversionError(f"{path}: not a valid safetensors file ({str(e)[:200]})") from None
+        with open_checked(path):
+            pass
 
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor into fresh (anonymous) CPU memory.
-
-        The bytes are read with pread at the offsets of the validated header rather than through the library's
-        memory map: pages of a memory map stay mapped, and counted in the process's RSS, until the file is closed,
-        which for a 24 GB model looks like a 24 GB process (measured in ComfyUI: +3.9 GiB RSS for a 4 GB file through
-        the map, +0.5 GiB with pread)."""
-        info = self.header.tensors[key]
-        if DTYPES[info.dtype][0] is None:
-            raise ConversionError(f"{self.path}: tensor '{key}' has dtype {info.dtype}, unsupported by this torch")
-        return self.read_into(key, torch.empty(info.nbytes, dtype=torch.uint8))
+    def read(self, key: str, buf: torch.Tensor | None) -> torch.Tensor:
+        """`read_into` a buffer (fresh memory when `buf` is None)."""
+        if buf is None:
+            buf = torch.empty(self.header.tensors[key].nbytes, dtype=torch.uint8)
+        return self.read_into(key, buf)
 
     def read_into(self, key: str, buf: torch.Tensor) -> torch.Tensor:
         """Read one tensor's bytes straight into `buf` (uint8, e.g. pinned memory for fast GPU copies) and return
-        a view of it with the tensor's dtype and shape. Offsets come from the validated header."""
+        a view of it with the tensor's dtype and shape. Offsets come from the validated header.
+
+        The bytes are read with pread rather than through the library's memory map: pages of a memory map stay
+        mapped, and counted in the process's RSS, until the file is closed, which for a large model looks like a
+        process of the model's size (docs/ARCHITECTURE.md, "Reading tensors")."""
         info = self.header.tensors[key]
         dtype = DTYPES[info.dtype][0]
         view = buf[: info.nbytes]

@@ -66,7 +66,7 @@ def test_cuda_graph_replays_store_the_same_bytes_as_eager_and_cpu():
         eager = [rounding.round_to_fp16(w.cuda(), top_k=2, num_iter=256) for w in weights]
         rounding.USE_CUDA_GRAPHS = True
         graphed = [rounding.round_to_fp16(w.cuda(), top_k=2, num_iter=256) for w in weights]
-        captures = rounding._device_graphs(torch.device("cuda")).captures
+        captures = rounding.device_graphs(torch.device("cuda")).captures
     finally:
         rounding.USE_CUDA_GRAPHS = True
         rounding.release_device_memory()
@@ -99,7 +99,7 @@ def test_a_failed_graph_capture_falls_back_to_eager_with_a_warning(monkeypatch):
     try:
         with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
             got = [rounding.round_to_fp16(w.cuda(), top_k=1, num_iter=256).q.cpu() for w in weights]
-        assert rounding._device_graphs(torch.device("cuda")).disabled
+        assert rounding.device_graphs(torch.device("cuda")).disabled
     finally:
         rounding.release_device_memory()
     for a, b in zip(cpu, got):
@@ -119,6 +119,6 @@ def test_second_gpu_stores_the_same_bytes():
             assert q.device == torch.device("cuda:1")
             cpu = rounding.round_to_fp16(w, top_k=1, num_iter=256).q
             assert torch.equal(q.cpu().view(torch.int16), cpu.view(torch.int16))
-        assert rounding._device_graphs(torch.device("cuda:1")).captures >= 3
+        assert rounding.device_graphs(torch.device("cuda:1")).captures >= 3
     finally:
         rounding.release_device_memory()
