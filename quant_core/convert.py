@@ -139,7 +139,7 @@ class _Conversion:
         self.calibration = None
         if options.calibration:
             from .calibration import load_calibration
-            self.calibration = load_calibration(options.calibration)
+            self.calibration = load_calibration(options.calibration, device=device)  # v3 matrices built there
         self.items = fmt.plan(source.header, self.rules)
         self.total = len(self.items)
         self.bytes_total = sum(i.nbytes for i in self.items)
