@@ -17,7 +17,7 @@ test("the pack's folder name comes from the URL ComfyUI serves the extension und
 
 test("the pack's templates are sorted by their numbered names, other packs' lists are untouched", () => {
   assert.ok(names.includes(FIRST_TEMPLATE));
-  const shuffled = [names[1], names[0], names[2]];
+  const shuffled = [...names].reverse();
   const other = ["b", "a"];
   const sorted = sortTemplateMap({ "comfyui-scaled-fp16": shuffled, other }, "comfyui-scaled-fp16");
   assert.deepEqual(sorted["comfyui-scaled-fp16"], [...names].sort());
