@@ -55,6 +55,26 @@ class CalibrationError(ConversionError):
     """A calibration file that cannot be used; the message names the file (and tensor)."""
 
 
+class _Matrix:
+    """A second-moment attribute of `LayerCalibration`: the matrix it was given (versions 1-2), else, for a version 3
+    file, the one built from the parts named here on first read."""
+
+    def __init__(self, part: str):
+        self.part = part
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = getattr(obj, self.slot)
+        return value if value is not None or not obj._parts else obj._built(self.part)
+
+    def __set__(self, obj, value):
+        setattr(obj, self.slot, value)
+
+
 class LayerCalibration:
     """Input statistics of one Linear layer (weight [out, in]); tensors float32 on the CPU unless moved.
 
@@ -66,6 +86,10 @@ class LayerCalibration:
     built on first use ([in, in] float32; the set keeps the last one built for its group, nothing more), and
     `halves()` builds each half from its own statistics.
     """
+
+    gram = _Matrix("all")
+    fit_gram = _Matrix("fit")
+    eval_gram = _Matrix("eval")
 
     def __init__(self, weight_key: str, mean: torch.Tensor, gram: torch.Tensor | None, count: int, has_bias: bool,
                  eval_mean: torch.Tensor | None = None, eval_gram: torch.Tensor | None = None, eval_count: int = 0,
@@ -102,30 +126,6 @@ class LayerCalibration:
             self._cache.clear()  # one matrix at a time
             self._cache[key] = _build_second_moment(parts, device)
         return self._cache[key]
-
-    @property
-    def gram(self) -> torch.Tensor:
-        return self._gram if self._gram is not None or not self._parts else self._built("all")
-
-    @gram.setter
-    def gram(self, value):
-        self._gram = value
-
-    @property
-    def fit_gram(self) -> torch.Tensor | None:
-        return self._fit_gram if self._fit_gram is not None or not self._parts else self._built("fit")
-
-    @fit_gram.setter
-    def fit_gram(self, value):
-        self._fit_gram = value
-
-    @property
-    def eval_gram(self) -> torch.Tensor | None:
-        return self._eval_gram if self._eval_gram is not None or not self._parts else self._built("eval")
-
-    @eval_gram.setter
-    def eval_gram(self, value):
-        self._eval_gram = value
 
     @property
     def has_split(self) -> bool:
@@ -361,14 +361,7 @@ class CalibrationSet:
                 if name not in self._names or (s.startswith("fit") and not info.get("fit_count", 0)) or (
                         s.startswith("eval") and not info.get("eval_count", 0)):
                     continue
-                try:
-                    v = self._file.get_tensor(name).float()
-                except Exception as e:
-                    raise CalibrationError(f"{self.path}: tensor '{name[:200]}' cannot be read "
-                                           f"({' '.join(str(e).split())[:120]})") from None
-                if not bool(torch.isfinite(v).all()):
-                    raise CalibrationError(f"{self.path}: tensor '{name[:200]}' holds NaN or infinite statistics")
-                t[s] = v
+                t[s] = self._read(name)
             self._cache = (g, t)
         t = self._cache[1]
         return LayerCalibration(weight_key=weight_key, mean=t["mean"], gram=t["gram"], count=int(info["count"]),
