@@ -348,7 +348,7 @@ def test_bad_output_name_is_a_clear_error(comfy, t5_file):
 
 @pytest.mark.skipif(os.environ.get("FP16LR_E2E_RSS") != "1", reason="set FP16LR_E2E_RSS=1 (writes a 4 GB model)")
 def test_rss_while_converting_a_4gb_model(comfy):
-    """Done-criterion 3: the server's RSS rises by at most ~1.5 GB + 3x the largest tensor."""
+    """Bounded memory: the server's RSS rises by at most ~1.5 GB + 3x the largest tensor."""
     path = os.path.join(model_dir(comfy, "diffusion_models"), "flux-4gb.safetensors")
     if not os.path.exists(path):
         write_flux(path, double_blocks=4, single_blocks=4)

@@ -1,4 +1,4 @@
-"""The web panel (issue 4) in ComfyUI's real frontend, driven by headless Chromium.
+"""The web panel in ComfyUI's real frontend, driven by headless Chromium.
 
 Runs when all of these are present, and skips otherwise:
 - a server: COMFYUI_DIR (a ComfyUI checkout with .venv; a CPU server is started on a free port with a temporary
