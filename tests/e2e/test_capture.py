@@ -10,7 +10,6 @@
 import json
 import os
 import random
-import shutil
 
 import pytest
 from safetensors import safe_open
@@ -20,9 +19,9 @@ from quant_core.calibration import load_calibration
 from quant_core.safetensors_io import read_header
 
 from . import graphs
-from .comfy_server import ComfyServer, PromptFailed
-from .conftest import model_dir
-from .models import FLUX_LORA_LAYERS, write_flux, write_flux_lora, write_t5_base
+from .comfy_server import PromptFailed
+from .conftest import model_dir, own_server
+from .models import FLUX_LORA_LAYERS, write_flux_lora
 
 SUBJECTS = ["a red fox", "an old lighthouse", "a small sailing boat", "a mountain village", "a cat on a windowsill",
             "a busy market street", "a wooden bridge", "a snowy forest", "a vintage car", "a field of sunflowers",
@@ -58,30 +57,8 @@ def comfy(tmp_path_factory):
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
         pytest.skip("needs COMFYUI_DIR: the capture suite starts its own server with --fp32-text-enc")
-    base = str(tmp_path_factory.mktemp("comfy-capture"))
-    server = ComfyServer.start(comfy_dir, base, extra_args=("--fp32-text-enc",))
-    try:
+    with own_server(comfy_dir, tmp_path_factory, "comfy-capture", ("--fp32-text-enc",)) as server:
         yield server
-    finally:
-        server.stop()
-        if os.environ.get("FP16LR_KEEP_E2E") != "1":
-            shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def t5_file(comfy):
-    path = os.path.join(model_dir(comfy, "text_encoders"), "t5-base-e2e.safetensors")
-    if not os.path.exists(path):
-        write_t5_base(path)
-    return os.path.basename(path)
-
-
-@pytest.fixture(scope="module")
-def flux_file(comfy):
-    path = os.path.join(model_dir(comfy, "diffusion_models"), "flux-e2e.safetensors")
-    if not os.path.exists(path):
-        write_flux(path)
-    return os.path.basename(path)
 
 
 def encode_all(loader: dict, texts: list[str], prefix: str) -> dict:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from . import graphs
 from .comfy_server import PromptFailed
 from .conftest import model_dir
-from .models import write_clip_l, write_flux, write_flux_lora, write_fp8_with_host, write_t5_base, write_t5xxl
+from .models import write_clip_l, write_flux, write_flux_lora, write_fp8_with_host, write_t5xxl
 
 NODE_TYPES = ["ScaledFP16Convert", "ScaledFP16SaveModel", "ScaledFP16SaveCLIP", "ScaledFP16UNETLoader",
               "ScaledFP16CLIPLoader", "ScaledFP16DualCLIPLoader", "ScaledFP16CheckpointLoader"]
@@ -25,22 +25,6 @@ FP16_TOLERANCE = 2.0 ** -11
 
 def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-@pytest.fixture(scope="module")
-def flux_file(comfy):
-    path = os.path.join(model_dir(comfy, "diffusion_models"), "flux-e2e.safetensors")
-    if not os.path.exists(path):
-        write_flux(path)
-    return os.path.basename(path)
-
-
-@pytest.fixture(scope="module")
-def t5_file(comfy):
-    path = os.path.join(model_dir(comfy, "text_encoders"), "t5-base-e2e.safetensors")
-    if not os.path.exists(path):
-        write_t5_base(path)
-    return os.path.basename(path)
 
 
 def saved(comfy, name):
