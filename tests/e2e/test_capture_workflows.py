@@ -62,16 +62,25 @@ def test_workflow_4_capture_prompts_convert_load(comfy, info):
     assert os.path.exists(comfy.path("output", "wf4_cond.safetensors"))
 
 
-def test_workflow_5_lora_sampling_capture_save_model(comfy, info):
-    flux = os.path.join(model_dir(comfy, "diffusion_models"), "flux1-dev.safetensors")
-    if not os.path.exists(flux):
-        write_flux(flux)
-    lora = os.path.join(model_dir(comfy, "loras"), "flux_lora.safetensors")
-    if not os.path.exists(lora):
-        write_flux_lora(lora)
+@pytest.fixture
+def wf5_models(comfy):
+    """The FLUX test model and its LoRA under names of their own: the server is shared with the other e2e modules, and
+    files under the example workflows' names (flux1-dev, flux_lora) would change what those modules see."""
+    flux = os.path.join(model_dir(comfy, "diffusion_models"), "wf5-flux-e2e.safetensors")
+    lora = os.path.join(model_dir(comfy, "loras"), "wf5-lora-e2e.safetensors")
+    write_flux(flux)
+    write_flux_lora(lora)
+    yield os.path.basename(flux), os.path.basename(lora)
+    for path in (flux, lora):
+        os.remove(path)
+
+
+def test_workflow_5_lora_sampling_capture_save_model(comfy, info, wf5_models):
     prompt = _api(info, 5)
     assert prompt["7"]["class_type"] == "ScaledFP16CaptureSampling" and prompt["11"]["inputs"][
         "calibration_override"] == ["7", 0] and prompt["9"]["inputs"]["samples"] == ["7", 1]
+    assert prompt["1"]["class_type"] == "UNETLoader" and prompt["2"]["class_type"] == "LoraLoaderModelOnly"
+    prompt["1"]["inputs"]["unet_name"], prompt["2"]["inputs"]["lora_name"] = wf5_models
     for node_id in ("3", "4", "5", "8", "9", "10"):
         del prompt[node_id]
     prompt["5"] = {"class_type": "FP16LRTestConditioning",
