@@ -338,7 +338,8 @@ def test_template_browser_shows_titles_thumbnails_in_order(templates):
     assert [c["name"] for c in cards] == WORKFLOW_NAMES  # 1., 2., 3.: the intended order
     for card in cards:
         thumb = card["thumbnail"]
-        # our 1280 px picture, not the frontend's placeholder (the frontend may show it from a blob: cache)
+        # our 1280 px picture, not the frontend's placeholder (the frontend may show it from a blob: cache), read
+        # while the card is in view: frontend 1.27.10 unloads a thumbnail whose card left the view (templates.mjs)
         assert thumb and thumb["loaded"] and thumb["width"] == 1280, card
         requested = [r for r in templates["thumbnailRequests"]
                      if urllib.parse.unquote(r["url"]).endswith(f"/{card['name']}.jpg")]
