@@ -14,7 +14,8 @@ cancelled or failed capture leaves no file.
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import json
 import logging
 import math
 import os
@@ -25,20 +26,32 @@ import folder_paths
 import nodes as comfy_nodes  # ComfyUI's nodes.py: the KSampler's widget lists and sampling function
 import torch
 
-from ..quant_core.calibration import CalibrationWriter
+from ..quant_core.calibration import (DEFAULT_BUDGET_BYTES, DEFAULT_ROWS, FORMAT_KEY, CalibrationError,
+                                      CalibrationWriter)
 from ..quant_core.capture import _Recorder
+from ..quant_core.safetensors_io import read_header
 from . import paths
 from .common import CATEGORY, HIDDEN
+from .progress import CaptureProgress
 
 log = logging.getLogger("comfyui-scaled-fp16")
 
-DEFAULT_ROWS = 4096
+MIN_BUDGET_GB = 0.05
 
 
 def _rows_widget(what: str) -> tuple:
     return ("INT", {"default": DEFAULT_ROWS, "min": 1, "max": 1 << 24, "tooltip":
-                    f"Activation rows (tokens) kept per layer from {what}; the statistics summarise at most this "
-                    "many rows of each layer's input, spread over the whole run."})
+                    f"Activation rows (tokens) kept per layer from {what}: the statistics summarise every row of each "
+                    "layer's input in at most this many directions; at or above a layer's input width they are "
+                    "exact. Fewer are kept where budget_gb cannot hold them (the panel says so)."})
+
+
+BUDGET = ("FLOAT", {"default": DEFAULT_BUDGET_BYTES / 1e9, "min": MIN_BUDGET_GB, "max": 1024.0, "step": 0.05,
+                    "round": 0.01, "tooltip":
+                    "GB the calibration statistics may hold while they are recorded (in RAM, or in VRAM where the "
+                    "model runs there), and so the most the file takes on disk. Where calib_samples rows per layer "
+                    "do not fit, fewer are kept (the panel says so); a budget that cannot hold 8 rows per layer is "
+                    "an error that says how much is needed."})
 
 
 def _name_widget(default: str) -> tuple:
@@ -52,48 +65,53 @@ OVERWRITE = ("BOOLEAN", {"default": True, "tooltip":
                          "that a changed prompt list or seed can be queued again). Off: an existing name is an error."})
 
 
-def new_writer(rows: int) -> tuple[CalibrationWriter, bool]:
-    """A writer keeping `rows` rows per layer where the writer itself can bound them; (writer, bounds them itself)."""
+def budget_bytes(budget_gb: float) -> int:
+    return int(round(float(budget_gb) * 1e9))
+
+
+def new_writer(rows: int, budget_gb: float) -> CalibrationWriter:
+    """A writer keeping `rows` rows per layer within `budget_gb`; its lines about lowered rows end in the summary."""
+    return CalibrationWriter(rows=int(rows), budget_bytes=budget_bytes(budget_gb))
+
+
+def recorded_tokens(writer: CalibrationWriter, name: str) -> dict:
+    """Rows recorded so far by the most-fed layer group: calibration (fit + check halves) and held-out."""
+    return {"name": name, "tokens": max(writer.counts(False).values(), default=0),
+            "held_out": max(writer.counts(True).values(), default=0)}
+
+
+def capture_summary(path: str, name: str, source: dict) -> dict:
+    """What a capture wrote, read back from the file (not from the writer that made it): the panel's summary."""
+    meta = json.loads(read_header(path).metadata[FORMAT_KEY])
+    groups = meta["groups"]
+    stats = meta.get("statistics") or {}
+    rows = [r for g in groups.values() for r in g["rows"].values()]
+    return {"output_name": name, "bytes": os.path.getsize(path), "layers": len(meta["layers"]),
+            "groups": len(groups), "exact_groups": sum(1 for g in groups.values() if all(g["exact"].values())),
+            "rows_kept_min": min(rows, default=0), "rows_kept_max": max(rows, default=0),
+            "widths_max": max((g["in_features"] for g in groups.values()), default=0),
+            "rows": stats.get("rows"), "rows_requested": stats.get("rows_requested"),
+            "budget_bytes": stats.get("budget_bytes"), "notes": list(stats.get("notes") or []),
+            "tokens_fit": max((g["fit_count"] for g in groups.values()), default=0),
+            "tokens_check": max((g["rest_count"] for g in groups.values()), default=0),
+            "tokens_held_out": max((g["eval_count"] for g in groups.values()), default=0),
+            "source": source}
+
+
+@contextlib.contextmanager
+def capture_errors(progress: CaptureProgress | None):
+    """Report a failure or cancel to the panel, then re-raise it; a budget the statistics cannot fit becomes a
+    one-line `SettingError` (no traceback in the log)."""
     try:
-        params = inspect.signature(CalibrationWriter).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "rows" in params:
-        return CalibrationWriter(rows=rows), True
-    return CalibrationWriter(), False
-
-
-class RowLimiter:
-    """Stands between `_Recorder` and the writer: marks calibration rows of the fit half (`fit`, set per prompt or
-    per model call) and, where the writer keeps every row it is given, passes at most `rows` rows per group, an
-    evenly spaced `per_call` of each call's rows, so that the statistics cover the whole run."""
-
-    def __init__(self, writer: CalibrationWriter, rows: int | None, per_call: int | None):
-        self.writer = writer
-        self.layers = writer.layers  # _Recorder updates a layer's group here
-        self.rows = rows
-        self.per_call = per_call
-        self.fit = False
-        self.seen: dict[tuple[str, bool], int] = {}
-
-    def add_layer(self, weight_key: str, group: str, has_bias: bool) -> None:
-        self.writer.add_layer(weight_key, group, has_bias)
-
-    def add(self, group: str, x: torch.Tensor, held_out: bool = False, fit: bool = False) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        if self.rows is not None:
-            done = self.seen.get((group, held_out), 0)
-            take = min(self.rows - done, x.shape[0] if self.per_call is None else self.per_call)
-            if take <= 0:
-                return
-            if take < x.shape[0]:
-                x = x[torch.linspace(0, x.shape[0] - 1, take, device=x.device).round().long()]
-            self.seen[(group, held_out)] = done + x.shape[0]
-        self.writer.add(group, x, held_out=held_out, fit=False if held_out else (fit or self.fit))
-
-
-def _per_call(rows: int, calls: int) -> int:
-    return max(1, math.ceil(rows / max(1, calls)))
+        yield
+    except CalibrationError as e:
+        if progress is not None:
+            progress.failed(e)
+        raise paths.SettingError(str(e)) from None
+    except BaseException as e:
+        if progress is not None:
+            progress.failed(e)
+        raise
 
 
 def calibration_folder() -> str:
@@ -128,9 +146,10 @@ def save_writer(writer: CalibrationWriter, path: str, source: dict) -> None:
         raise
 
 
-def _result(names: list[str], extra: tuple = ()) -> dict:
+def _result(names: list[str], summaries: list[dict], extra: tuple = ()) -> dict:
+    """The node's output: the file name(s), and their summaries for the pack's panel (kept across reloads)."""
     paths.refresh_file_list(paths.CALIBRATION_KIND)
-    return {"ui": {"text": [", ".join(names)]}, "result": (", ".join(names), *extra)}
+    return {"ui": {"text": [", ".join(names)], "fp16lr_report": summaries}, "result": (", ".join(names), *extra)}
 
 
 def _signature_of(output_name: str) -> str:
@@ -170,11 +189,11 @@ class _EncoderCapture:
     """One encoder's recorder. Rows of padding are left out where the encoder masks them and zeroes their output
     (they then never reach the conditioning); elsewhere every row the encoder computes is recorded."""
 
-    def __init__(self, name: str, module: torch.nn.Module, rows: int, calls: int):
+    def __init__(self, name: str, module: torch.nn.Module, rows: int, budget_gb: float, held_out: bool):
         self.name = name
-        self.writer, bounded = new_writer(rows)
-        self.limiter = RowLimiter(self.writer, None if bounded else rows, None if bounded else _per_call(rows, calls))
-        self.recorder = _Recorder(module, self.limiter)
+        self.writer = new_writer(rows, budget_gb)
+        self.fit = False
+        self.recorder = _Recorder(module, self.writer, parts=3 if held_out else 2)
         transformer = getattr(module, "transformer", None)
         drop_padding = bool(getattr(module, "enable_attention_masks", False) and getattr(module, "zero_out_masked",
                                                                                          False))
@@ -182,15 +201,16 @@ class _EncoderCapture:
         if isinstance(transformer, torch.nn.Module):
             def before(_mod, args, kwargs):
                 mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-                self.recorder.new_batch(mask if drop_padding and isinstance(mask, torch.Tensor) else None)
+                self.recorder.new_batch(mask if drop_padding and isinstance(mask, torch.Tensor) else None, self.fit)
 
             self._hooks.append(transformer.register_forward_pre_hook(before, with_kwargs=True))
-            self._hooks.append(transformer.register_forward_hook(lambda *_: self.recorder.new_batch(None)))
+            self._hooks.append(transformer.register_forward_hook(lambda *_: self.recorder.new_batch(None, self.fit)))
 
     def start(self, fit: bool, held_out: bool) -> None:
-        self.limiter.fit = fit
+        """Before a prompt: whether its rows go to the fit half, or to the held-out statistics."""
+        self.fit = fit
         self.recorder.held_out = held_out
-        self.recorder.new_batch(None)
+        self.recorder.new_batch(None, fit)
 
     def close(self) -> None:
         self.recorder.close()
@@ -226,14 +246,16 @@ class ScaledFP16CapturePrompts:
                              "overwrite": OVERWRITE},
                 "optional": {"held_out_prompts": ("STRING", {"multiline": True, "default": "", "tooltip":
                                                   "Optional prompts not used for calibration, one per line: the "
-                                                  "conversion report then also gives the error on them."})},
+                                                  "conversion report then also gives the error on them."}),
+                             "budget_gb": BUDGET},
                 "hidden": HIDDEN}
 
     @classmethod
     def IS_CHANGED(cls, output_name="", **_):
         return _signature_of(output_name or "calibration_prompts")
 
-    def capture(self, clip, prompts, calib_samples, output_name, overwrite, held_out_prompts="", unique_id=None):
+    def capture(self, clip, prompts, calib_samples, output_name, overwrite, held_out_prompts="",
+                budget_gb=DEFAULT_BUDGET_BYTES / 1e9, unique_id=None):
         if clip is None:
             raise paths.SourceError("no CLIP: the capture needs a text encoder (the CLIP input is empty)")
         texts, held = prompt_lines(prompts), prompt_lines(held_out_prompts)
@@ -246,35 +268,51 @@ class ScaledFP16CapturePrompts:
         targets = [calibration_target(name if len(encoders) == 1
                                       else f"{name.removesuffix(paths.SAFETENSORS)}_{enc}", overwrite)
                    for enc, _ in encoders]
-        captures = [_EncoderCapture(enc, module, calib_samples, len(texts)) for enc, module in encoders]
-        bar = comfy.utils.ProgressBar(len(texts) + len(held), node_id=unique_id)
-        tokens = {c.name: [0, 0] for c in captures}
+        jobs = [(t, i % 2 == 0, False) for i, t in enumerate(texts)] + [(t, False, True) for t in held]
+        progress: CaptureProgress | None = None
+        captures: list[_EncoderCapture] = []
+        summaries = []
         try:
-            jobs = [(t, i % 2 == 0, False) for i, t in enumerate(texts)] + [(t, False, True) for t in held]
-            for done, (text, fit, held_out) in enumerate(jobs):
-                comfy.model_management.throw_exception_if_processing_interrupted()
+            with capture_errors(None):
+                for enc, module in encoders:
+                    captures.append(_EncoderCapture(enc, module, calib_samples, budget_gb, bool(held)))
+            progress = CaptureProgress(unique_id, "prompt", len(jobs), sum(len(c.writer.layers) for c in captures),
+                                       ", ".join(c.name for c in captures))
+            with capture_errors(progress):
+                bar = comfy.utils.ProgressBar(len(jobs), node_id=unique_id)
+                for done, (text, fit, held_out) in enumerate(jobs):
+                    progress.cancel()
+                    for c in captures:
+                        c.start(fit, held_out)
+                    with torch.no_grad():
+                        clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+                    bar.update_absolute(done + 1, len(jobs))
+                    progress.step(done + 1, [recorded_tokens(c.writer, c.name) for c in captures], held_out)
+                progress.cancel()
+                tokens = {c.name: recorded_tokens(c.writer, c.name) for c in captures}
                 for c in captures:
-                    c.start(fit, held_out)
-                with torch.no_grad():
-                    clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-                bar.update_absolute(done + 1, len(jobs))
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            for c in captures:
-                for held_out in (False, True):
-                    counts = c.writer.counts(held_out)
-                    tokens[c.name][held_out] = max(counts.values()) if counts else 0
-            for c, (path, _) in zip(captures, targets):
-                if not c.writer.counts():
-                    raise paths.SourceError(f"the {c.name} encoder recorded no rows; nothing to calibrate")
-                save_writer(c.writer, path, {"model": f"ComfyUI CLIP ({c.name})", "sequences": len(texts),
-                                             "eval_sequences": len(held), "tokens": tokens[c.name][0],
-                                             "eval_tokens": tokens[c.name][1]})
+                    if not c.writer.counts():
+                        raise paths.SourceError(f"the {c.name} encoder recorded no rows; nothing to calibrate")
+                written = []
+                try:
+                    for c, (path, _) in zip(captures, targets):
+                        save_writer(c.writer, path, {"model": f"ComfyUI CLIP ({c.name})", "sequences": len(texts),
+                                                     "eval_sequences": len(held), "tokens": tokens[c.name]["tokens"],
+                                                     "eval_tokens": tokens[c.name]["held_out"]})
+                        written.append(path)
+                except BaseException:
+                    for path in written:  # all encoders' files or none
+                        os.unlink(path)
+                    raise
+                for c, (path, saved) in zip(captures, targets):
+                    summaries.append(progress.finished(capture_summary(path, saved, {
+                        "encoder": c.name, "prompts": len(texts), "held_out_prompts": len(held)})))
         finally:
             for c in captures:
                 c.close()
         names = [n for _, n in targets]
         log.info("calibration from %d prompts (%d held out) written: %s", len(texts), len(held), ", ".join(names))
-        return _result(names)
+        return _result(names, summaries)
 
 
 # --- from sampling -------------------------------------------------------------------------------------------------
@@ -332,6 +370,29 @@ def _container(named: list[tuple[str, torch.nn.Module]]) -> torch.nn.Module:
     return root
 
 
+@contextlib.contextmanager
+def sampler_steps(on_step):
+    """While sampling, ComfyUI's progress hook also calls `on_step(value, total)`: the sampler makes its step bar
+    inside `common_ksampler`, and a bar takes the hook in effect when it is made. The hook is put back afterwards
+    (a server without the hook: no step events, the capture itself is unchanged)."""
+    set_hook = getattr(comfy.utils, "set_progress_bar_global_hook", None)
+    if set_hook is None:
+        yield
+        return
+    original = getattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+
+    def hook(value, total, *args, **kwargs):
+        if original is not None:
+            original(value, total, *args, **kwargs)
+        on_step(value, total)
+
+    set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(original)
+
+
 class ScaledFP16CaptureSampling:
     """Runs a sampler (as KSampler does) and records the diffusion model's Linear inputs over the denoising run."""
 
@@ -355,6 +416,7 @@ class ScaledFP16CaptureSampling:
                              "calib_samples": _rows_widget("the whole run (all steps)"),
                              "output_name": _name_widget("calibration_sampling"),
                              "overwrite": OVERWRITE},
+                "optional": {"budget_gb": BUDGET},
                 "hidden": HIDDEN}
 
     @classmethod
@@ -362,44 +424,50 @@ class ScaledFP16CaptureSampling:
         return _signature_of(output_name or "calibration_sampling")
 
     def capture(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                calib_samples, output_name, overwrite, unique_id=None):
+                calib_samples, output_name, overwrite, budget_gb=DEFAULT_BUDGET_BYTES / 1e9, unique_id=None):
         path, name = calibration_target((output_name or "").strip() or "calibration_sampling", overwrite)
         comfy.model_management.load_models_gpu([model])  # patches applied: what the sampler will run
         picked, total = layers_to_record(model)
         if not picked:
             raise paths.SourceError(f"none of the model's {total} Linear layers has anything to round (every weight "
                                     "is exact in fp16 and none is patched): a conversion would not use calibration")
-        writer, bounded = new_writer(calib_samples)
-        limiter = RowLimiter(writer, None if bounded else calib_samples,
-                             None if bounded else _per_call(calib_samples, steps))
-        recorder = _Recorder(_container(picked), limiter)
+        writer = new_writer(calib_samples, budget_gb)
+        with capture_errors(None):
+            recorder = _Recorder(_container(picked), writer)
+        progress = CaptureProgress(unique_id, "step", steps, len(picked), "model")
         calls = [0]
 
         def before(*_):
-            limiter.fit = calls[0] % 2 == 0  # alternate model calls: the fit half and the check half
+            recorder.new_batch(None, calls[0] % 2 == 0)  # alternate model calls: the fit half and the check half
             calls[0] += 1
-            recorder.new_batch(None)
+
+        def on_step(value, of):
+            progress.total = of
+            progress.step(value, [recorded_tokens(writer, "model")])
 
         diffusion_model = model.model.diffusion_model
         hooks = [diffusion_model.register_forward_pre_hook(before),
                  diffusion_model.register_forward_hook(lambda *_: recorder.new_batch(None))]
         try:
-            with torch.no_grad():
+            with capture_errors(progress), sampler_steps(on_step), torch.no_grad():
                 (latent,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive,
                                                         negative, latent_image, denoise=denoise)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if calls[0] < 2:
-                raise paths.SourceError(f"the sampler ran the model {calls[0]} time(s); at least 2 steps are needed "
-                                        "to fit and check the calibration")
-            counts = writer.counts()
-            save_writer(writer, path, {"model": "ComfyUI graph (model)", "sampler": sampler_name,
-                                       "scheduler": scheduler, "steps": steps, "model_calls": calls[0],
-                                       "tokens": max(counts.values()) if counts else 0,
-                                       "layers_recorded": len(picked), "layers_total": total})
+                progress.cancel()
+                if calls[0] < 2:
+                    raise paths.SourceError(f"the sampler ran the model {calls[0]} time(s); at least 2 steps are "
+                                            "needed to fit and check the calibration")
+                counts = writer.counts()
+                source = {"model": "ComfyUI graph (model)", "sampler": sampler_name, "scheduler": scheduler,
+                          "steps": steps, "model_calls": calls[0], "tokens": max(counts.values()) if counts else 0,
+                          "layers_recorded": len(picked), "layers_total": total}
+                save_writer(writer, path, source)
+                summary = progress.finished(capture_summary(path, name, {
+                    "steps": steps, "sampler": sampler_name, "scheduler": scheduler, "model_calls": calls[0],
+                    "layers_total": total}))
         finally:
             recorder.close()
             for h in hooks:
                 h.remove()
         log.info("calibration from a %d-step sampling run (%d of %d Linear layers) written: %s", steps, len(picked),
                  total, name)
-        return _result([name], (latent,))
+        return _result([name], [summary], (latent,))

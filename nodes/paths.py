@@ -41,7 +41,12 @@ class ConversionFailed(UserError):
     """The converter refused the input (e.g. a NaN in a weight); the message names the file and the tensor."""
 
 
-for _cls in (UserError, OutputNameError, SourceError, ConversionFailed):
+class SettingError(UserError):
+    """A setting cannot be used as given (e.g. a memory budget too small for the statistics); the message says
+    what would be needed."""
+
+
+for _cls in (UserError, OutputNameError, SourceError, ConversionFailed, SettingError):
     _cls.__module__ = USER_ERROR_MODULE
 
 

@@ -1,13 +1,16 @@
-"""Forwarding the converter's events to ComfyUI: a progress bar per tensor, custom events for the web UI, cancel.
+"""Forwarding the nodes' progress to ComfyUI: a progress bar, custom events for the web UI's panel, cancel.
 
-Event payloads follow docs/ARCHITECTURE.md ("ComfyUI custom events"). `convert_file` calls `on_event` and `cancel`
-from the thread that runs the node; `PromptServer.send_sync` is safe to call from there.
+`ConversionProgress`: the converter's events (a bar per tensor). `CaptureProgress`: the capture nodes (prompt or
+sampling step i of n, tokens recorded, then a summary of each file written). Both send the same three events;
+payloads follow docs/ARCHITECTURE.md ("ComfyUI custom events"). They are called from the thread that runs the node;
+`PromptServer.send_sync` is safe to call from there.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 
 import comfy.model_management
 import comfy.utils
@@ -64,7 +67,40 @@ def _add_per_tensor_error(summary: dict, report: dict) -> None:
     summary["rel_error_per_tensor"] = {"median": median, "worst": worst["rel_error"], "worst_key": worst["key"]}
 
 
-class ConversionProgress:
+class NodeEvents:
+    """A node's link to the pack's panel: the custom events, addressed to the node; an error or a cancel."""
+
+    unit = "tensor"  # what `index`/`total` count, in the error event
+
+    def __init__(self, node_id: str | None):
+        self.node_id = node_id
+        self.index: int | None = None
+        self.total: int | None = None
+
+    def cancel(self) -> None:
+        """Raises ComfyUI's interrupt exception once the user pressed Cancel (the UI's interrupt)."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def failed(self, error: BaseException) -> None:
+        cancelled = isinstance(error, (comfy.model_management.InterruptProcessingException, Cancelled))
+        message = "cancelled, no file written" if cancelled else str(error) or type(error).__name__
+        self._send(ERROR_EVENT, {"message": message, "cancelled": cancelled, "index": self.index,
+                                 "total": self.total, "unit": self.unit}, with_prompt=False)
+
+    def _send(self, event_name: str, payload: dict, with_prompt: bool = True) -> None:
+        instance = getattr(server.PromptServer, "instance", None)
+        if instance is None:
+            return
+        data = {"node": self.node_id}
+        if with_prompt:
+            data["prompt_id"] = getattr(instance, "last_prompt_id", None)
+        data.update(payload)
+        data = _json_safe(data)
+        json.dumps(data)  # fail here, in the node, rather than in the server's send loop
+        instance.send_sync(event_name, data, getattr(instance, "client_id", None))
+
+
+class ConversionProgress(NodeEvents):
     """One conversion's link to the UI. Pass `on_event` and `cancel` to `convert_file`.
 
     `steps_before`/`steps_total` let a node that converts several parts in a row (a CLIP's encoders) show one bar
@@ -72,12 +108,10 @@ class ConversionProgress:
     """
 
     def __init__(self, node_id: str | None, steps_before: int = 0, steps_total: int | None = None):
-        self.node_id = node_id
+        super().__init__(node_id)
         self.bar: comfy.utils.ProgressBar | None = None
         self.steps_before = steps_before
         self.steps_total = steps_total
-        self.index: int | None = None
-        self.total: int | None = None
 
     # --- called by quant_core.convert_file ---------------------------------------------------------------
 
@@ -90,10 +124,6 @@ class ConversionProgress:
             self.index, self.total = event["index"], event["total"]
             self._bar().update_absolute(self.steps_before + self.index, self._bar_total())
             self._send(PROGRESS_EVENT, {"event": event})
-
-    def cancel(self) -> None:
-        """Raises ComfyUI's interrupt exception once the user pressed Cancel (the UI's interrupt)."""
-        comfy.model_management.throw_exception_if_processing_interrupted()
 
     # --- called by the nodes ---------------------------------------------------------------------------------
 
@@ -112,12 +142,6 @@ class ConversionProgress:
         self._send(REPORT_EVENT, {"report": summary})
         return summary
 
-    def failed(self, error: BaseException) -> None:
-        cancelled = isinstance(error, (comfy.model_management.InterruptProcessingException, Cancelled))
-        message = "cancelled, no file written" if cancelled else str(error) or type(error).__name__
-        self._send(ERROR_EVENT, {"message": message, "cancelled": cancelled, "index": self.index,
-                                 "total": self.total}, with_prompt=False)
-
     # --- internals -----------------------------------------------------------------------------------------
 
     def _bar_total(self) -> int:
@@ -128,14 +152,30 @@ class ConversionProgress:
             self.bar = comfy.utils.ProgressBar(self._bar_total(), node_id=self.node_id)
         return self.bar
 
-    def _send(self, event_name: str, payload: dict, with_prompt: bool = True) -> None:
-        instance = getattr(server.PromptServer, "instance", None)
-        if instance is None:
-            return
-        data = {"node": self.node_id}
-        if with_prompt:
-            data["prompt_id"] = getattr(instance, "last_prompt_id", None)
-        data.update(payload)
-        data = _json_safe(data)
-        json.dumps(data)  # fail here, in the node, rather than in the server's send loop
-        instance.send_sync(event_name, data, getattr(instance, "client_id", None))
+
+class CaptureProgress(NodeEvents):
+    """A capture node's link to the UI: `step` after each prompt or sampling step (`unit` "prompt" or "step"),
+    `finished` with the summary of each calibration file written (`capture_summary`). ComfyUI's own bar is the
+    node's business (the prompts node drives one, the sampler its own)."""
+
+    def __init__(self, node_id: str | None, unit: str, total: int, layers: int, what: str):
+        super().__init__(node_id)
+        self.unit = unit
+        self.total = total
+        self.layers = layers  # Linear layers being recorded
+        self.what = what  # the encoder(s) or "model"
+        self.started = time.monotonic()
+
+    def step(self, index: int, tokens: list[dict], held_out: bool = False) -> None:
+        """`index` of `total` done; `tokens`: per recorded part {"name", "tokens" (fit + check), "held_out"}."""
+        self.index = index
+        self._send(PROGRESS_EVENT, {"event": {
+            "type": "capture", "unit": self.unit, "index": index, "total": self.total, "held_out": held_out,
+            "tokens": tokens, "layers": self.layers, "what": self.what,
+            "elapsed_s": time.monotonic() - self.started}})
+
+    def finished(self, summary: dict) -> dict:
+        """Send one file's summary; returns it (JSON-safe) for the node's `ui` output."""
+        summary = _json_safe({**summary, "kind": "capture", "seconds": time.monotonic() - self.started})
+        self._send(REPORT_EVENT, {"report": summary})
+        return summary

@@ -52,7 +52,8 @@ class _Recorder:
         self.writer = writer
         self.parts = parts  # statistics per group the writer's budget is planned for (2: fit half + rest, 3: + eval)
         self.mask: torch.Tensor | None = None
-        self.fit: torch.Tensor | None = None  # [batch] bool: sequences of the fit half
+        # [batch] bool: sequences of the fit half; or one bool for every row of the batch (a prompt, a model call)
+        self.fit: torch.Tensor | bool | None = None
         self.held_out = False
         self.max_tokens: int | None = None
         # input tensor identity -> (group, tensor) within one forward; holding the tensor keeps its memory from
@@ -62,7 +63,7 @@ class _Recorder:
         self._skip: set[str] = set()
         self._handles = []
         self._widths: dict[str, int] = {}
-        self._batches = 0
+        self._replanned = False
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 writer.add_layer(f"{name}.weight", name, mod.bias is not None)
@@ -87,25 +88,28 @@ class _Recorder:
                 return
             self._seen[ident] = (group, x)
             rows = x.detach()
+            whole = self.fit is True  # the whole batch belongs to the fit half
             if self.mask is not None and rows.dim() == 3 and rows.shape[:2] == self.mask.shape:
                 mask = self.mask.bool()
-                if self.held_out or self.fit is None:
-                    self.writer.add(group, rows[mask], held_out=self.held_out)
+                if self.held_out or not isinstance(self.fit, torch.Tensor):
+                    self.writer.add(group, rows[mask], held_out=self.held_out, fit=whole)
                 else:
                     fit = self.fit.to(mask.device)[:, None]
                     for part, sel in ((True, mask & fit), (False, mask & ~fit)):
                         if bool(sel.any()):
                             self.writer.add(group, rows[sel], fit=part)
                 return
-            self.writer.add(group, rows.reshape(-1, rows.shape[-1]), held_out=self.held_out)
+            self.writer.add(group, rows.reshape(-1, rows.shape[-1]), held_out=self.held_out, fit=whole)
         return hook
 
-    def new_batch(self, mask: torch.Tensor | None, fit: torch.Tensor | None = None) -> None:
-        if self._batches == 1 and self._group_of:
+    def new_batch(self, mask: torch.Tensor | None, fit: torch.Tensor | bool | None = None) -> None:
+        """Before (or after) a forward: `mask` [batch, tokens] marks the rows to record (None: all), `fit` the fit
+        half (see `self.fit`). The first call after a forward re-plans the writer's rows for the real groups."""
+        if not self._replanned and self._group_of:
+            self._replanned = True
             groups = {g: self._widths[g] for g in set(self._group_of.values()) if g in self._widths}
             if getattr(self.writer, "plan", None) is not None:
                 self.writer.plan(groups, self.parts)
-        self._batches += 1
         self.mask = mask
         self.fit = fit
         self._seen.clear()

@@ -2,13 +2,16 @@
 modules with ComfyUI's shapes of a CLIP and a MODEL, real calibration files read back by the converter's reader.
 The real servers are exercised by tests/e2e/test_capture.py."""
 
+import json
 import os
+import sys
 
 import pytest
 import torch
 
 from conftest import load_stand_ins
-from quant_core.calibration import load_calibration
+from quant_core.calibration import DEFAULT_BUDGET_BYTES, DEFAULT_ROWS, MIN_ROWS, CalibrationWriter, load_calibration
+from quant_core.safetensors_io import read_header
 
 stand_ins = load_stand_ins("fp16lr_stand_ins_capture")
 
@@ -86,9 +89,32 @@ class FakeCLIP:
         return [m(tokens) for m in (self.cond_stage_model.clip_l, self.cond_stage_model.t5xxl)]
 
 
-def capture_prompts(pack, clip, prompts, name="cal", held="", overwrite=True, rows=4096):
+def capture_prompts(pack, clip, prompts, name="cal", held="", overwrite=True, rows=4096, **kw):
     node = pack.NODE_CLASS_MAPPINGS["ScaledFP16CapturePrompts"]()
-    return node.capture(clip, prompts, rows, name, overwrite, held_out_prompts=held, unique_id="7")
+    return node.capture(clip, prompts, rows, name, overwrite, held_out_prompts=held, unique_id="7", **kw)
+
+
+def statistics_of(path):
+    """The file's own record of its rows and budget (`statistics` in the calibration metadata)."""
+    return json.loads(read_header(path).metadata["fp16lr_calibration"])["statistics"]
+
+
+def check_summary(summary, path, name):
+    """Every figure of a capture's panel summary against the file it describes."""
+    cal = load_calibration(path)
+    groups = cal.groups.values()
+    stats = statistics_of(path)
+    assert summary["kind"] == "capture" and summary["output_name"] == name
+    assert summary["bytes"] == os.path.getsize(path)
+    assert summary["layers"] == len(cal.layers) and summary["groups"] == len(cal.groups)
+    assert summary["exact_groups"] == sum(all(g["exact"].values()) for g in groups)
+    rows = [r for g in groups for r in g["rows"].values()]
+    assert (summary["rows_kept_min"], summary["rows_kept_max"]) == (min(rows), max(rows))
+    assert summary["tokens_fit"] == max(g["fit_count"] for g in groups)
+    assert summary["tokens_check"] == max(g["count"] - g["fit_count"] for g in groups)
+    assert summary["tokens_held_out"] == max(g["eval_count"] for g in groups)
+    assert summary["notes"] == stats["notes"] and summary["budget_bytes"] == stats["budget_bytes"]
+    assert summary["rows"] == stats["rows"] and summary["rows_requested"] == stats["rows_requested"]
 
 
 PROMPTS = "\n".join(f"thing {i} in snow" for i in range(10))
@@ -152,6 +178,10 @@ def test_cancel_and_failure_leave_no_file(comfy):
         capture_prompts(pack, FakeCLIP(), PROMPTS)
     assert type(e.value).__name__ == "InterruptProcessingException"
     assert not os.listdir(calib_dir(pack.base))
+    # the panel hears of it: cancelled after prompt 3 of 10, no report
+    (err,) = rec.of("fp16lr.error")
+    assert err["cancelled"] is True and (err["unit"], err["index"], err["total"]) == ("prompt", 3, 10), err
+    assert len(rec.of("fp16lr.progress")) == 3 and not rec.of("fp16lr.report")
     rec.interrupt_after = None
     clip = FakeCLIP()
     clip.encode_from_tokens = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
@@ -173,6 +203,72 @@ def test_bad_inputs_are_one_line_user_errors(comfy):
     capture_prompts(pack, FakeCLIP(), PROMPTS, name="same")
     with pytest.raises(Exception, match="already exists"):
         capture_prompts(pack, FakeCLIP(), PROMPTS, name="same", overwrite=False)
+
+
+def test_prompts_capture_panel_gets_live_progress_and_a_summary_of_each_file(comfy):
+    pack, rec = comfy
+    out = capture_prompts(pack, FakeCLIP(), PROMPTS, held="a cat on a mat\na dog in a fog", rows=10)
+    events = [e["event"] for e in rec.of("fp16lr.progress")]
+    assert [e["index"] for e in events] == list(range(1, 13)) and {e["total"] for e in events} == {12}
+    assert {e["type"] for e in events} == {"capture"} and {e["unit"] for e in events} == {"prompt"}
+    assert [e["held_out"] for e in events] == [False] * 10 + [True] * 2
+    assert events[0]["what"] == "clip_l, t5xxl" and events[0]["layers"] == 12  # 2 encoders x 2 blocks x q, k, o
+    t5 = [next(p for p in e["tokens"] if p["name"] == "t5xxl") for e in events]
+    # 4 real tokens a prompt (padding masked): calibration tokens grow, then the held-out ones
+    assert [p["tokens"] for p in t5] == [4 * i for i in range(1, 11)] + [40, 40]
+    assert [p["held_out"] for p in t5] == [0] * 10 + [5, 10]  # "a cat on a mat": 5 tokens
+    reports = [e["report"] for e in rec.of("fp16lr.report")]
+    assert [r["output_name"] for r in reports] == ["cal_clip_l.safetensors", "cal_t5xxl.safetensors"]
+    for r in reports:
+        check_summary(r, os.path.join(calib_dir(pack.base), r["output_name"]), r["output_name"])
+        assert r["source"]["prompts"] == 10 and r["source"]["held_out_prompts"] == 2
+    t5_report = reports[1]
+    assert (t5_report["tokens_fit"], t5_report["tokens_check"], t5_report["tokens_held_out"]) == (20, 20, 10)
+    # 10 rows asked: the 8-wide clip_l layers are exact, the 12-wide t5xxl ones sketched
+    assert reports[0]["exact_groups"] == reports[0]["groups"] and t5_report["exact_groups"] == 0
+    assert out["ui"]["fp16lr_report"] == reports and out["ui"]["text"] == [out["result"][0]]
+
+
+def test_budget_widget_bounds_the_statistics_and_its_notes_reach_the_summary(comfy):
+    pack, rec = comfy
+    info = pack.NODE_CLASS_MAPPINGS["ScaledFP16CapturePrompts"].INPUT_TYPES()
+    assert info["required"]["calib_samples"][1]["default"] == DEFAULT_ROWS
+    budget = info["optional"]["budget_gb"][1]
+    assert budget["default"] == DEFAULT_BUDGET_BYTES / 1e9 and budget["min"] == 0.05 and "file" in budget["tooltip"]
+    sampling = pack.NODE_CLASS_MAPPINGS["ScaledFP16CaptureSampling"].INPUT_TYPES()
+    assert sampling["optional"]["budget_gb"] == info["optional"]["budget_gb"]
+    assert sampling["required"]["calib_samples"][1]["default"] == DEFAULT_ROWS
+    # each encoder's statistics get the budget: one that holds clip_l's 6 layer inputs (2 parts each, width 8)
+    # exactly, and t5xxl's (width 12) with more than 9 rows but not with 12
+    need = CalibrationWriter.bytes_needed
+    gb = need([8] * 12, 8) / 1e9
+    assert need([12] * 12, 9) < gb * 1e9 < need([12] * 8, 12)
+    capture_prompts(pack, FakeCLIP(), PROMPTS, rows=12, budget_gb=gb)
+    path = os.path.join(calib_dir(pack.base), "cal_t5xxl.safetensors")
+    stats = statistics_of(path)
+    assert stats["budget_bytes"] == round(gb * 1e9) and stats["rows_requested"] == 12
+    assert MIN_ROWS <= stats["rows"] < 12 and stats["notes"], stats
+    assert os.path.getsize(path) < gb * 1e9  # the file within the budget too
+    (t5_report,) = [e["report"] for e in rec.of("fp16lr.report") if e["report"]["output_name"] == "cal_t5xxl.safetensors"]
+    check_summary(t5_report, path, "cal_t5xxl.safetensors")
+    assert t5_report["notes"] == stats["notes"] and "budget" in t5_report["notes"][0]
+
+
+def test_a_budget_too_small_is_one_clean_line_and_no_file(comfy):
+    pack, rec = comfy
+    with pytest.raises(Exception) as e:
+        capture_prompts(pack, FakeCLIP(), PROMPTS, budget_gb=1e-7)
+    paths = sys.modules[pack.__name__ + ".nodes.paths"]
+    assert isinstance(e.value, paths.UserError) and type(e.value).__name__ == "SettingError"
+    message = str(e.value)
+    assert "\n" not in message and "budget of 0.00 GB cannot hold" in message and "raise the budget" in message
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback
+    assert not os.listdir(calib_dir(pack.base)) and not rec.of("fp16lr.report")
+    model = FakeModel()
+    with pytest.raises(paths.SettingError, match="raise the budget"):
+        capture_sampling(pack, model, budget_gb=1e-7)
+    assert not os.listdir(calib_dir(pack.base))
+    assert not model.model.diffusion_model._forward_pre_hooks  # nothing left hooked
 
 
 # --- sampling --------------------------------------------------------------------------------------------------
@@ -204,11 +300,11 @@ class FakeModel:
         self.patches = {"diffusion_model.out.weight": [(1.0, torch.zeros(4, 6))]}
 
 
-def capture_sampling(pack, model, steps=4, name="samp", rows=4096):
+def capture_sampling(pack, model, steps=4, name="samp", rows=4096, **kw):
     node = pack.NODE_CLASS_MAPPINGS["ScaledFP16CaptureSampling"]()
     latent = {"samples": torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(1))}
     return node.capture(model, 0, steps, 1.0, "euler", "simple", "pos", "neg", latent, 1.0, rows, name, True,
-                        unique_id="3")
+                        unique_id="3", **kw)
 
 
 def test_sampling_capture_records_layers_to_round_and_returns_the_latent(comfy):
@@ -226,6 +322,35 @@ def test_sampling_capture_records_layers_to_round_and_returns_the_latent(comfy):
     assert g["count"] == 20 and g["fit_count"] == 10
     assert cal.resolve("model.diffusion_model.blocks.1.weight") == "blocks.1.weight"
     assert not model.model.diffusion_model._forward_pre_hooks and not model.model.diffusion_model.out._forward_pre_hooks
+
+
+def test_sampling_capture_panel_gets_each_step_and_the_summary(comfy):
+    pack, rec = comfy
+    utils = sys.modules["comfy.utils"]
+    server_hook = utils.PROGRESS_BAR_HOOK
+    out = capture_sampling(pack, FakeModel(), steps=4)
+    assert utils.PROGRESS_BAR_HOOK is server_hook  # the server's own progress hook is back
+    events = [e["event"] for e in rec.of("fp16lr.progress")]
+    assert [(e["unit"], e["index"], e["total"]) for e in events] == [("step", i, 4) for i in range(1, 5)]
+    assert [e["tokens"][0]["tokens"] for e in events] == [5, 10, 15, 20]  # 5 latent rows a model call
+    assert {e["layers"] for e in events} == {2} and {e["node"] for e in rec.of("fp16lr.progress")} == {"3"}
+    (report,) = [e["report"] for e in rec.of("fp16lr.report")]
+    check_summary(report, os.path.join(calib_dir(pack.base), "samp.safetensors"), "samp.safetensors")
+    assert report["source"] == {"steps": 4, "sampler": "euler", "scheduler": "simple", "model_calls": 4,
+                                "layers_total": 4}
+    assert (report["tokens_fit"], report["tokens_check"], report["layers"]) == (10, 10, 2)
+    assert out["ui"]["fp16lr_report"] == [report]
+
+
+def test_sampling_capture_cancel_leaves_no_file_and_tells_the_panel(comfy):
+    pack, rec = comfy
+    rec.interrupt_after = 2  # Cancel during step 3 (the stand-in sampler checks after each model call)
+    mm = sys.modules["comfy.model_management"]
+    with pytest.raises(mm.InterruptProcessingException):
+        capture_sampling(pack, FakeModel(), steps=6)
+    assert not os.listdir(calib_dir(pack.base))
+    (err,) = rec.of("fp16lr.error")
+    assert err["cancelled"] is True and (err["unit"], err["index"], err["total"]) == ("step", 2, 6)
 
 
 def test_sampling_capture_with_nothing_to_round_writes_nothing(comfy):

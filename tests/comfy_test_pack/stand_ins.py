@@ -106,18 +106,28 @@ def install(base_dir: str) -> tuple[types.ModuleType, Recorder]:
 
     utils = types.ModuleType("comfy.utils")
 
+    utils.PROGRESS_BAR_HOOK = None
+
+    def set_progress_bar_global_hook(function):
+        utils.PROGRESS_BAR_HOOK = function
+
     class ProgressBar:
+        """Takes the global hook in effect when it is made, as ComfyUI's does."""
+
         def __init__(self, total, node_id=None):
-            self.total, self.node_id = total, node_id
+            self.total, self.node_id, self.hook = total, node_id, utils.PROGRESS_BAR_HOOK
 
         def update_absolute(self, value, total=None, preview=None):
             if total is not None:
                 self.total = total
             rec.progress.append((value, self.total, self.node_id))
+            if self.hook is not None:
+                self.hook(value, self.total, preview, node_id=self.node_id)
             if rec.interrupt_after is not None and len(rec.progress) >= rec.interrupt_after:
                 mm.interrupted = True
 
     utils.ProgressBar = ProgressBar
+    utils.set_progress_bar_global_hook = set_progress_bar_global_hook
 
     sd = types.ModuleType("comfy.sd")
     sd.CLIPType = enum.Enum("CLIPType", "STABLE_DIFFUSION STABLE_AUDIO SD3 FLUX")
@@ -194,11 +204,14 @@ def install(base_dir: str) -> tuple[types.ModuleType, Recorder]:
                                  "denoise": ("FLOAT", {"default": 1.0})}}
 
     def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0):
-        """Stand-in sampler: `steps` calls of the model's diffusion_model on the latent's samples."""
+        """Stand-in sampler: `steps` calls of the model's diffusion_model on the latent's samples, with a step bar
+        (no node id) as ComfyUI's sampling callback has."""
         x = latent["samples"]
-        for _ in range(steps):
+        bar = ProgressBar(steps)
+        for step in range(steps):
             x = model.model.diffusion_model(x)
             mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(step + 1, steps)
         return ({**latent, "samples": x},)
 
     stock.CLIPLoader, stock.DualCLIPLoader, stock.KSampler = CLIPLoader, DualCLIPLoader, KSampler

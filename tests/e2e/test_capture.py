@@ -157,6 +157,54 @@ def test_capture_refuses_existing_name_without_overwrite_and_empty_prompts(comfy
         comfy.run(capture("a green frog\na grey owl", "t5-e2e-twice", False))
 
 
+def check_capture_summary(summary: dict, path: str, name: str) -> None:
+    """A capture node's panel summary (its ui output and fp16lr.report) against the file on disk."""
+    meta = json.loads(read_header(path).metadata["fp16lr_calibration"])
+    cal = load_calibration(path)
+    rows = [r for g in cal.groups.values() for r in g["rows"].values()]
+    assert summary["kind"] == "capture" and summary["output_name"] == name
+    assert summary["bytes"] == os.path.getsize(path)
+    assert (summary["layers"], summary["groups"]) == (len(cal.layers), len(cal.groups))
+    assert summary["exact_groups"] == sum(all(g["exact"].values()) for g in cal.groups.values())
+    assert (summary["rows_kept_min"], summary["rows_kept_max"]) == (min(rows), max(rows))
+    assert summary["tokens_fit"] == max(g["fit_count"] for g in cal.groups.values())
+    assert summary["tokens_held_out"] == max(g["eval_count"] for g in cal.groups.values())
+    assert summary["notes"] == meta["statistics"]["notes"]
+    assert summary["budget_bytes"] == meta["statistics"]["budget_bytes"]
+
+
+def test_prompts_capture_panel_events_summary_and_budget(comfy, t5_file):
+    """The capture node's events on the websocket (one per prompt, then the summary of the file), its ui output, and
+    budget_gb: a budget below what calib_samples rows need lowers the rows (a note says so) and bounds the file."""
+    calib, held = prompt_sets(n_calib=6, n_held=2, seed=1)
+    comfy.events.clear()
+    entry = comfy.run({"c": {"class_type": "CLIPLoader", "inputs": {"clip_name": t5_file, "type": "stable_audio"}},
+                       "cap": {"class_type": "ScaledFP16CapturePrompts", "inputs": {
+                           "clip": ["c", 0], "prompts": "\n".join(calib), "held_out_prompts": "\n".join(held),
+                           "calib_samples": 512, "budget_gb": 0.05, "output_name": "t5-e2e-budget",
+                           "overwrite": True}}})
+    progress = [m["event"] for m in comfy.events.of_type("fp16lr.progress") if m["node"] == "cap"]
+    assert [(e["type"], e["unit"], e["index"], e["total"]) for e in progress] == [
+        ("capture", "prompt", i, 8) for i in range(1, 9)]
+    tokens = [e["tokens"][0]["tokens"] for e in progress]
+    assert tokens == sorted(tokens) and tokens[0] > 0 and progress[-1]["tokens"][0]["held_out"] > 0
+    (report,) = [m["report"] for m in comfy.events.of_type("fp16lr.report") if m["node"] == "cap"]
+    path = comfy.path("models", "scaled_fp16_calibration", "t5-e2e-budget.safetensors")
+    check_capture_summary(report, path, "t5-e2e-budget.safetensors")
+    assert entry["outputs"]["cap"]["fp16lr_report"] == [report]
+    assert report["budget_bytes"] == 5 * 10 ** 7 and os.path.getsize(path) < 5 * 10 ** 7
+    assert report["rows"] < 512 and report["notes"] and "0.05 GB budget" in report["notes"][0], report
+    print(f"\nprompts capture with budget_gb 0.05: {report['rows']} rows per layer, file {report['bytes']} bytes; "
+          f"note: {report['notes'][0]}")
+    # below the widget's minimum: ComfyUI's own validation refuses the prompt, the node never runs
+    with pytest.raises(PromptFailed, match="budget_gb"):
+        comfy.run({"c": {"class_type": "CLIPLoader", "inputs": {"clip_name": t5_file, "type": "stable_audio"}},
+                   "cap": {"class_type": "ScaledFP16CapturePrompts", "inputs": {
+                       "clip": ["c", 0], "prompts": "a red fox", "calib_samples": 512, "budget_gb": 0.001,
+                       "output_name": "t5-e2e-budget-too-small", "overwrite": True}}})
+    assert not os.path.exists(comfy.path("models", "scaled_fp16_calibration", "t5-e2e-budget-too-small.safetensors"))
+
+
 def test_flux_lora_sampling_capture_then_save_model_calibrated(comfy, flux_file):
     lora = os.path.join(model_dir(comfy, "loras"), "flux-e2e-lora.safetensors")
     if not os.path.exists(lora):
@@ -179,8 +227,16 @@ def test_flux_lora_sampling_capture_then_save_model_calibrated(comfy, flux_file)
             "calibration_override": ["cap", 0]}},
     }
     comfy.free()
+    comfy.events.clear()
     entry = comfy.run(prompt, timeout=5400)
-    cal = load_calibration(comfy.path("models", "scaled_fp16_calibration", "flux-e2e-sampling.safetensors"))
+    cal_path = comfy.path("models", "scaled_fp16_calibration", "flux-e2e-sampling.safetensors")
+    cal = load_calibration(cal_path)
+    # the panel heard each sampling step (through ComfyUI's progress hook) and got the file's summary
+    steps = [m["event"] for m in comfy.events.of_type("fp16lr.progress") if m["node"] == "cap"]
+    assert [(e["unit"], e["index"], e["total"]) for e in steps] == [("step", 1, 2), ("step", 2, 2)], steps
+    (summary,) = entry["outputs"]["cap"]["fp16lr_report"]
+    check_capture_summary(summary, cal_path, "flux-e2e-sampling.safetensors")
+    assert summary["source"]["model_calls"] == cal.source["model_calls"]
     recorded = {k.removesuffix(".weight") for k in cal.keys()}
     # the LoRA's layers are recorded (patched: rounded from float32); BF16 layers without a patch are exact in fp16
     assert set(FLUX_LORA_LAYERS) <= recorded, sorted(recorded)

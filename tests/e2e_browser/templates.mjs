@@ -1,9 +1,10 @@
 // The pack's example workflows as ComfyUI users meet them, in headless Chromium on a real server: opens the
-// template browser (screenshot), records the cards it shows for this pack (titles, order, whether each thumbnail
-// loaded), loads each workflow from its card the way a user does, checks that the converter node's title is not
-// covered by the tab bar or breadcrumb (the element under its title is the graph canvas or the node itself), and
-// screenshots it. With --thumbnails DIR it also renders each loaded workflow, fitted to the view with the page's
-// menus hidden, into DIR/<name>.jpg: the thumbnails in example_workflows/ are made this way.
+// template browser (screenshots: its top, and scrolled to the last card), records the cards it shows for this pack
+// (titles, order, whether each thumbnail loaded while its card was in view), loads each workflow from its card the way
+// a user does, checks that the converter node's title is not covered by the tab bar or breadcrumb (the element under
+// its title is the graph canvas or the node itself), and screenshots it. With --thumbnails DIR it also renders each
+// loaded workflow, fitted to the view with the page's menus hidden, into DIR/<name>.jpg: the thumbnails in
+// example_workflows/ are made this way.
 //
 //   node tests/e2e_browser/templates.mjs --url http://127.0.0.1:8188 --out DIR [--thumbnails example_workflows] [--vue]
 //
@@ -68,29 +69,49 @@ async function openTemplates() {
 await openTemplates();
 await page.screenshot({ path: join(opt.out, `template-browser${opt.vue ? "-vue" : ""}.png`) });
 const names = result.served[opt.pack] ?? [];
-// cards below the fold load their thumbnails lazily: bring each into view once
+// Each card's thumbnail is read while that card is in view, as a user scrolling the browser sees it: the frontend
+// loads thumbnails lazily (an IntersectionObserver per card) and frontend 1.27.10's LazyImage also unloads them again
+// when the card leaves the view (img src back to null), so a read of all cards after scrolling through them sees only
+// the cards that happen to be in view last (the server lists the files in directory order, not in card order).
+const thumbnailOf = (name) => page.evaluate((name) => {
+  for (const el of document.querySelectorAll("[role=dialog] *, .p-dialog *")) {
+    if (el.childElementCount !== 0 || el.textContent.trim() !== name) continue;
+    let card = el;
+    while (card && !card.querySelector("img")) card = card.parentElement;
+    const img = card?.querySelector("img");
+    return img ? { src: img.getAttribute("src"), loaded: img.complete && img.naturalWidth > 0, width: img.naturalWidth } : null;
+  }
+  return null;
+}, name);
+const thumbnails = {};
 for (const name of names) {
   const card = page.locator("[role=dialog]").getByText(name, { exact: true }).first();
-  if (await card.count()) {
-    await card.scrollIntoViewIfNeeded();
-    await page.waitForTimeout(1000);
-  }
+  if (!(await card.count())) continue;
+  await card.scrollIntoViewIfNeeded();
+  const t0 = Date.now();
+  do {
+    await page.waitForTimeout(250);
+    thumbnails[name] = await thumbnailOf(name);
+  } while (!thumbnails[name]?.loaded && Date.now() - t0 < 10_000);
 }
 result.cards = await page.evaluate((names) => {
-  // each card: the smallest element that shows one of our names, with the image it holds
+  // each card: the smallest element that shows one of our names; all positions read at one scroll position
   const out = [];
   for (const el of document.querySelectorAll("[role=dialog] *, .p-dialog *")) {
     const text = el.childElementCount === 0 ? el.textContent.trim() : "";
     if (!names.includes(text)) continue;
-    let card = el;
-    while (card && !card.querySelector("img")) card = card.parentElement;
-    const img = card?.querySelector("img");
     const r = el.getBoundingClientRect();
-    out.push({ name: text, x: r.x, y: r.y, thumbnail: img ? { src: img.getAttribute("src"), loaded: img.complete && img.naturalWidth > 0, width: img.naturalWidth } : null });
+    out.push({ name: text, x: r.x, y: r.y });
   }
   const seen = new Set();
   return out.filter((c) => !seen.has(c.name) && seen.add(c.name)).sort((a, b) => a.y - b.y || a.x - b.x);
 }, names);
+for (const card of result.cards) card.thumbnail = thumbnails[card.name] ?? null;
+if (result.cards.length) {  // the last card in view: a second picture of the browser
+  await page.locator("[role=dialog]").getByText(result.cards.at(-1).name, { exact: true }).first().scrollIntoViewIfNeeded();
+  await page.waitForTimeout(1500);
+  await page.screenshot({ path: join(opt.out, `template-browser-end${opt.vue ? "-vue" : ""}.png`) });
+}
 await page.keyboard.press("Escape");
 await page.waitForTimeout(500);
 

@@ -338,7 +338,8 @@ def test_template_browser_shows_titles_thumbnails_in_order(templates):
     assert [c["name"] for c in cards] == WORKFLOW_NAMES  # 1., 2., 3.: the intended order
     for card in cards:
         thumb = card["thumbnail"]
-        # our 1280 px picture, not the frontend's placeholder (the frontend may show it from a blob: cache)
+        # our 1280 px picture, not the frontend's placeholder (the frontend may show it from a blob: cache), read
+        # while the card is in view: frontend 1.27.10 unloads a thumbnail whose card left the view (templates.mjs)
         assert thumb and thumb["loaded"] and thumb["width"] == 1280, card
         requested = [r for r in templates["thumbnailRequests"]
                      if urllib.parse.unquote(r["url"]).endswith(f"/{card['name']}.jpg")]
@@ -358,17 +359,42 @@ def test_loaded_templates_show_their_note_and_the_converter_title(templates):
         assert wf["converterTitle"]["visible"], (name, wf["converterTitle"])  # not under the tab bar/breadcrumb
 
 
-def test_capture_outputs_link_into_calibration_override(server, tmp_path):
-    """capture_link.mjs: in the real frontend, each capture node's `calibration` output links into the converting
-    nodes' `calibration_override` (a LATENT is refused there), and the Queue button's serialisation carries the
-    link."""
-    out = os.environ.get("FP16LR_WEB_ARTIFACTS") or str(tmp_path)
-    p = subprocess.run(["node", os.path.join(HERE, "capture_link.mjs"), "--url", server.url, "--out", out], cwd=HERE,
-                       capture_output=True, text=True, timeout=600)
+def _e2e_models_module():
+    spec = importlib.util.spec_from_file_location("fp16lr_e2e_models", os.path.join(ROOT, "tests", "e2e", "models.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLIP = "fp16lr-web-clip_l.safetensors"  # CLIP-L key names and shapes, fp16, random: what CLIPLoader loads as SD1's
+
+
+@pytest.fixture(scope="module")
+def capture_page(server, tmp_path_factory):
+    """capture_link.mjs once: the links between the capture and converting nodes, then a capture from prompts run
+    from the Run button with the panel recorded, and a cancelled one."""
+    folder = server.path("models", "text_encoders")
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(os.path.join(folder, CLIP)):
+        _e2e_models_module().write_clip_l(os.path.join(folder, CLIP))
+    deadline = time.time() + 60
+    while CLIP not in server.get("/object_info/CLIPLoader")["CLIPLoader"]["input"]["required"]["clip_name"][0]:
+        assert time.time() < deadline, "the server does not list the test CLIP"
+        time.sleep(1)
+    out = os.path.join(os.environ.get("FP16LR_WEB_ARTIFACTS") or str(tmp_path_factory.mktemp("capture")), "capture")
+    p = subprocess.run(["node", os.path.join(HERE, "capture_link.mjs"), "--url", server.url, "--out", out,
+                        "--clip", CLIP, "--clip-type", "stable_diffusion"], cwd=HERE, capture_output=True,
+                       text=True, timeout=1200)
     path = os.path.join(out, "capture_link.json")
     assert p.returncode == 0 and os.path.exists(path), f"capture_link.mjs failed:\n{p.stdout}\n{p.stderr}"
     with open(path) as f:
-        r = json.load(f)
+        return json.load(f)
+
+
+def test_capture_outputs_link_into_calibration_override(capture_page):
+    """In the real frontend, each capture node's `calibration` output links into the converting nodes'
+    `calibration_override` (a LATENT is refused there), and the Queue button's serialisation carries the link."""
+    r = capture_page
     assert all(s["inputType"] == "STRING" for s in r["slots"]), r["slots"]
     assert r["promptsToConvert"] and r["promptsToSaveClip"] and r["samplingToSaveModel"] and r["latentRefused"], r
     ids, ser = r["ids"], r["serialised"]
@@ -376,3 +402,66 @@ def test_capture_outputs_link_into_calibration_override(server, tmp_path):
     assert ser[ids["saveClip"]]["calibration_override"] == [ids["prompts"], 0]
     assert ser[ids["saveModel"]]["calibration_override"] == [ids["sampling"], 0]
     assert not [e for e in r["errors"] if re.search(r"fp16lr|scaled.fp16", e, re.I)], r["errors"]
+
+
+def _count(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def check_capture_text(text: str, s: dict) -> None:
+    """Every figure of a capture node's panel equals its summary's, to the digits shown."""
+    lines = text.split("\n")
+    m = re.fullmatch(r"Captured in (?:(\d+) s|(\d+) min (\d+) s|<1 s)", lines[0])
+    assert m, lines[0]
+    if m.group(1):
+        assert int(m.group(1)) == round(s["seconds"])
+    assert lines[1] == f"→ {s['output_name']}"
+    src = s["source"]
+    held = f" + {src['held_out_prompts']} held-out" if src["held_out_prompts"] else ""
+    assert lines[2] == f"from {src['prompts']} prompts{held} · {src['encoder']} encoder", lines[2]
+    assert lines[3] == f"layers: {s['layers']} recorded, {s['groups']} input groups", lines[3]
+    m = re.fullmatch(r"rows kept per layer: ([\d,]+)(?:–([\d,]+))?(?: \(asked ([\d,]+)\))? · exact in (\d+)/(\d+) groups",
+                     lines[4])
+    assert m, lines[4]
+    assert _count(m.group(1)) == s["rows_kept_min"] and _count(m.group(2) or m.group(1)) == s["rows_kept_max"]
+    assert (m.group(3) is not None) == (s["rows"] < s["rows_requested"])
+    assert m.group(3) is None or _count(m.group(3)) == s["rows_requested"]
+    assert (int(m.group(4)), int(m.group(5))) == (s["exact_groups"], s["groups"])
+    m = re.fullmatch(r"tokens: ([\d,]+) fit · ([\d,]+) check · ([\d,]+) held-out", lines[5])
+    assert m and [_count(g) for g in m.groups()] == [s["tokens_fit"], s["tokens_check"], s["tokens_held_out"]]
+    m = re.fullmatch(r"file: ([\d.]+) (B|kB|MB|GB) \(budget ([\d.]+) (B|kB|MB|GB)\)", lines[6])
+    assert m, lines[6]
+    assert _close(float(m.group(1)) * _UNITS[m.group(2)], s["bytes"], rel=5e-3)
+    assert _close(float(m.group(3)) * _UNITS[m.group(4)], s["budget_bytes"], rel=5e-3)
+    assert lines[7:] == [f"note: {n}" for n in s["notes"]]
+
+
+def test_capture_node_panel_shows_progress_then_the_summary_of_the_file(server, capture_page):
+    cap = capture_page["capture"]
+    final = cap["final"]
+    assert final["phase"] == "done" and final["shown"], final
+    # live: prompt i of 14 (12 + 2 held-out), the counter and the bar only moving forward
+    live = [e for e in cap["timeline"] if e["text"].startswith("Capturing")]
+    assert live, cap["timeline"]
+    seen = [int(re.match(r"Capturing (?:held-out )?prompt (\d+)/14 · ", e["text"]).group(1)) for e in live]
+    assert seen == sorted(seen) and seen[-1] <= 14
+    # done: the summary, every figure as the server stored it (ui output) and as the file is
+    (summary,) = _ui_reports(server, cap["promptId"], cap["node"])
+    for e in live:
+        assert re.search(r"\ntokens recorded: [\d,]+", e["text"]), e["text"]
+        assert f"recording {summary['layers']} Linear layers of clip_l" in e["text"], e["text"]
+    check_capture_text(final["text"], summary)
+    path = server.path("models", "scaled_fp16_calibration", summary["output_name"])
+    assert summary["bytes"] == os.path.getsize(path) and summary["bytes"] < summary["budget_bytes"] == 5 * 10 ** 7
+    assert summary["notes"], summary  # 512 rows per layer do not fit 0.05 GB
+    assert not final["cutLines"] and not final["clipped"], final
+    assert all(final["tips"]), final["tips"]  # every line explains itself on hover
+
+
+def test_capture_node_cancel_shows_where_it_stopped_and_leaves_no_file(server, capture_page):
+    cancel = capture_page["cancel"]
+    assert cancel["interrupted"] and cancel["final"]["phase"] == "error", cancel["final"]
+    m = re.fullmatch(r"Cancelled at prompt (\d+)/400, no file written\.", cancel["final"]["text"])
+    assert m and int(m.group(1)) < 400, cancel["final"]["text"]
+    folder = server.path("models", "scaled_fp16_calibration")
+    assert not [f for f in os.listdir(folder) if f.startswith("fp16lr-web-capture-cancelled")], os.listdir(folder)

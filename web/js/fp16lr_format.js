@@ -202,8 +202,40 @@ export function progressView(event, { keyLength = 44 } = {}) {
   };
 }
 
+/** A count with thousands separators ("12,345"). */
+export function formatCount(n) {
+  const v = toNumber(n);
+  return isNum(v) ? Math.round(v).toLocaleString("en-US") : DASH;
+}
+
+/** The parts' calibration tokens, e.g. "1,204" or "clip_l 770 · t5xxl 40", and their held-out tokens. */
+function tokenParts(parts, field) {
+  const list = Array.isArray(parts) ? parts : [];
+  if (list.length <= 1) return formatCount(list[0]?.[field] ?? 0);
+  return list.map((p) => `${p.name} ${formatCount(p[field])}`).join(" · ");
+}
+
+/** Lines of the live panel of a capture node (a `capture` event: prompt or sampling step i of n). */
+export function captureProgressLines(event) {
+  const index = toNumber(event.index);
+  const total = toNumber(event.total);
+  const unit = event.unit || "step";
+  const elapsed = toNumber(event.elapsed_s);
+  const eta = isNum(elapsed) && isNum(index) && isNum(total) && index > 0 ? elapsed * Math.max(0, total - index) / index : null;
+  const parts = Array.isArray(event.tokens) ? event.tokens : [];
+  const held = parts.some((p) => toNumber(p.held_out) > 0);
+  const what = event.what === "model" || !event.what ? "the model" : event.what;
+  return [
+    `Capturing ${event.held_out ? "held-out " : ""}${unit} ${isNum(index) ? index : "?"}/${isNum(total) ? total : "?"} · ${formatPercent(progressFraction(event))}`,
+    `tokens recorded: ${tokenParts(parts, "tokens")}${held ? ` (held-out: ${tokenParts(parts, "held_out")})` : ""}`,
+    `recording ${formatCount(event.layers)} Linear layers of ${what}`,
+    `elapsed ${formatDuration(elapsed)} · ETA ${formatDuration(eta)}`,
+  ];
+}
+
 /** Text lines of the live panel (what the Vue renderer fallback and tests read). */
 export function progressLines(event, options) {
+  if (event?.type === "capture") return captureProgressLines(event);
   const v = progressView(event, options);
   return [
     `Converting ${v.counter} · ${v.percent}`,
@@ -244,6 +276,22 @@ export const TERMS = Object.freeze({
   outRandn: "out(randn): the output error on calib_samples random input rows, divided by RTN's, for the weights the " +
     "learned rounding changed. Random rows carry no information about a layer: it follows the relF ratio. Report only.",
   worst: "The quantized tensors with the largest relF, with their ratio to RTN's error.",
+  captured: "Done: the statistics of this run were written. A run that is cancelled or fails writes no file.",
+  calibrationFile: "The calibration file, in models/scaled_fp16_calibration: the converting nodes list it under " +
+    "calibration, and a link from this node's output to calibration_override selects it.",
+  captureSource: "What was recorded: the prompts (held-out prompts only for the report), or the sampling run " +
+    "(every model call of it).",
+  captureLayers: "Linear layers whose inputs were recorded. Layers that read the same input tensor (q, k, v) share " +
+    "one group of statistics. Capture from sampling leaves out layers with nothing to round (weights exact in fp16, " +
+    "no patch).",
+  captureRows: "Per group, the statistics keep at most calib_samples directions of the input's second moment (a " +
+    "Frequent-Directions sketch of every row seen); where that reaches the input width they are exact (the whole " +
+    "Gram matrix; rows shown = the width). budget_gb may lower the rows (then a note says so).",
+  captureTokens: "Input rows (tokens) recorded by the most-fed layer group: fit = the half the calibrated rounding " +
+    "is fitted on (alternate prompts or model calls), check = the other half, on which each layer's gain is " +
+    "checked; held-out = the held-out prompts, used only for the report.",
+  captureSize: "Size of the file on disk. budget_gb bounds it, and the memory the statistics held while recording.",
+  captureNote: "The statistics' writer kept fewer rows per layer than calib_samples asked, to stay within budget_gb.",
 });
 
 const DTYPE_NAMES = { F32: "float32", F16: "float16", BF16: "bfloat16", F64: "float64" };
@@ -348,13 +396,58 @@ export function reportView(summary, { worstCount = 3 } = {}) {
   return { lines, tips, worst };
 }
 
+function captureSourceLine(summary) {
+  const src = summary.source || {};
+  if (isNum(toNumber(src.prompts))) {
+    const held = toNumber(src.held_out_prompts);
+    return `from ${formatCount(src.prompts)} prompts${held > 0 ? ` + ${formatCount(held)} held-out` : ""}` +
+      (src.encoder ? ` · ${src.encoder} encoder` : "");
+  }
+  if (isNum(toNumber(src.steps))) {
+    return `from a ${src.steps}-step sampling run (${[src.sampler, src.scheduler].filter(Boolean).join(", ")}` +
+      `${isNum(toNumber(src.model_calls)) ? `; ${formatCount(src.model_calls)} model calls` : ""})`;
+  }
+  return null;
+}
+
+/** A capture node's summary of one calibration file as panel lines: {lines, tips}. */
+export function captureReportLinesWithTips(summary) {
+  const lines = [];
+  const tips = [];
+  const add = (line, tip) => {
+    lines.push(line);
+    tips.push(tip ?? "");
+  };
+  add(`Captured${isNum(toNumber(summary.seconds)) ? ` in ${formatDuration(summary.seconds)}` : ""}`, TERMS.captured);
+  if (summary.output_name) add(`→ ${summary.output_name}`, TERMS.calibrationFile);
+  const source = captureSourceLine(summary);
+  if (source) add(source, TERMS.captureSource);
+  const total = toNumber(summary.source?.layers_total);
+  add(`layers: ${formatCount(summary.layers)}${isNum(total) ? ` of ${formatCount(total)} Linear layers` : ""} recorded, ` +
+    `${formatCount(summary.groups)} input groups`, TERMS.captureLayers);
+  const lo = toNumber(summary.rows_kept_min);
+  const hi = toNumber(summary.rows_kept_max);
+  const asked = toNumber(summary.rows_requested);
+  const rows = toNumber(summary.rows);
+  add(`rows kept per layer: ${lo === hi ? formatCount(hi) : `${formatCount(lo)}–${formatCount(hi)}`}` +
+    `${isNum(asked) && isNum(rows) && rows < asked ? ` (asked ${formatCount(asked)})` : ""}` +
+    ` · exact in ${formatCount(summary.exact_groups)}/${formatCount(summary.groups)} groups`, TERMS.captureRows);
+  add(`tokens: ${formatCount(summary.tokens_fit)} fit · ${formatCount(summary.tokens_check)} check · ` +
+    `${formatCount(summary.tokens_held_out)} held-out`, TERMS.captureTokens);
+  const budget = toNumber(summary.budget_bytes);
+  add(`file: ${formatBytes(summary.bytes)}${isNum(budget) ? ` (budget ${formatBytes(budget)})` : ""}`, TERMS.captureSize);
+  for (const note of Array.isArray(summary.notes) ? summary.notes : []) add(`note: ${note}`, TERMS.captureNote);
+  return { lines, tips };
+}
+
 /** All report lines as plain text, worst tensors included (whole keys). */
 export function reportLines(summary, options) {
   return reportLinesWithTips(summary, options).lines;
 }
 
-/** Report lines and the tooltip of each. */
+/** Report lines and the tooltip of each (a capture node's summary or a conversion's report). */
 export function reportLinesWithTips(summary, options) {
+  if (summary?.kind === "capture") return captureReportLinesWithTips(summary);
   const v = reportView(summary, options);
   const lines = [...v.lines];
   const tips = [...v.tips];
@@ -378,21 +471,23 @@ export function errorLine(payload, lastEvent = null) {
   let total = toNumber(payload.total);
   if (!isNum(index) && lastEvent) index = toNumber(lastEvent.index);
   if (!isNum(total) && lastEvent) total = toNumber(lastEvent.total);
-  const where = isNum(index) && isNum(total) ? ` at tensor ${index}/${total}` : isNum(total) ? ` before the first tensor` : "";
+  const unit = payload.unit || lastEvent?.unit || "tensor";
+  const where = isNum(index) && isNum(total) ? ` at ${unit} ${index}/${total}` : isNum(total) ? ` before the first ${unit}` : "";
   if (payload.cancelled) return `Cancelled${where}, no file written.`;
   const message = String(payload.message || "unknown error").split("\n")[0];
   return `Failed${where}: ${message}; no file written.`;
 }
 
-const IDLE = Object.freeze({ phase: "idle", event: null, reports: [], error: null, promptId: null, prepare: null });
+const IDLE = Object.freeze({ phase: "idle", event: null, reports: [], error: null, promptId: null, prepare: null, unit: null });
 
 /**
  * The panel's state after one message. A state is {phase: "idle" | "running" | "done" | "error", event (the last
  * tensor event of the part being converted), reports (summaries of the parts finished in this run: a CLIP with two
  * encoders gives two), error (one line), promptId, prepare ({value, max}: ComfyUI's own bar, in tensors, before this
- * part's first tensor event)}. `message` is {kind, payload} with kind
- *   "start"    the node began executing (payload {prompt_id})
- *   "prepare"  ComfyUI's own progress of the node before its first tensor ({value, max})
+ * part's first tensor event), unit (what ComfyUI's own bar counts: "tensors", or "prompts"/"steps" for a capture
+ * node)}. `message` is {kind, payload} with kind
+ *   "start"    the node began executing (payload {prompt_id, unit})
+ *   "prepare"  ComfyUI's own progress of the node before its first tensor or capture event ({value, max})
  *   "progress" an fp16lr.progress message        "report" an fp16lr.report message
  *   "error"    an fp16lr.error message, or an interrupt/error of the node ({cancelled, message, index, total})
  *   "outputs"  the node's ui output (a list of summaries; also what a reloaded page restores)
@@ -406,12 +501,12 @@ export function nextPanelState(state, message) {
   const sameRun = p.prompt_id == null || p.prompt_id === prev.promptId;
   switch (message.kind) {
     case "start":
-      return { ...IDLE, phase: "running", promptId: p.prompt_id ?? null };
+      return { ...IDLE, phase: "running", promptId: p.prompt_id ?? null, unit: p.unit ?? null };
     case "prepare":
       if (prev.phase !== "running" || prev.event) return prev;
       return { ...prev, prepare: { value: toNumber(p.value), max: toNumber(p.max) } };
     case "progress":
-      return { ...IDLE, phase: "running", event: p.event || null, reports: sameRun ? prev.reports : [], promptId };
+      return { ...IDLE, phase: "running", event: p.event || null, reports: sameRun ? prev.reports : [], promptId, unit: prev.unit };
     case "report": {
       const report = p.report || p;
       return { ...IDLE, phase: "done", reports: [...(sameRun ? prev.reports : []), report], promptId };
@@ -431,6 +526,9 @@ export function nextPanelState(state, message) {
 
 /** The one-line verdict of a finished part, e.g. "clip_l.safetensors: relF 2.10e-04 (0.823× RTN)". */
 export function reportHeadline(summary) {
+  if (summary?.kind === "capture") {
+    return `${summary.output_name || "calibration"}: ${formatCount(summary.layers)} layers, ${formatBytes(summary.bytes)}`;
+  }
   return `${summary.output_name || summary.output || "saved"}: relF ${formatSci(summary.rel_error)} (${formatRatio(summary.error_ratio)} RTN)` +
     (summary.up_to_date ? ", up to date" : "");
 }
@@ -446,18 +544,21 @@ export function panelSections(state, options) {
     let lines;
     if (state.event) lines = progressLines(state.event, options);
     else if (state.prepare && state.prepare.value > 0 && state.prepare.max > 0) {
-      lines = [`Working ${state.prepare.value}/${state.prepare.max} tensors · ${formatPercent(state.prepare.value / state.prepare.max)}`];
+      lines = [`Working ${state.prepare.value}/${state.prepare.max} ${state.unit || "tensors"} · ${formatPercent(state.prepare.value / state.prepare.max)}`];
     } else lines = ["Starting…"];
-    return [{ lines, event: state.event }, ...saved];
+    // keyAt: the line with the tensor key (one line, shortened, whole on hover); a capture event has none
+    const keyAt = state.event && state.event.type !== "capture" ? 1 : null;
+    return [{ lines, event: state.event, keyAt }, ...saved];
   }
   if (state.phase === "done") {
     return state.reports.map((report) => {
       const { lines, tips } = reportLinesWithTips(report, options);
+      if (report?.kind === "capture") return { lines, tips, report: null };
       return { lines, tips, report, chartAt: reportView(report, options).lines.length };
     });
   }
   const lines = [state.error];
-  if (state.event) lines.push(`last tensor: ${state.event.key || ""}`);
+  if (state.event?.key) lines.push(`last tensor: ${state.event.key}`);
   return [{ lines, error: true }, ...saved];
 }
 

@@ -1,6 +1,8 @@
 // Live per-tensor progress and the quality report on the converting nodes (ScaledFP16Convert,
-// ScaledFP16SaveModel, ScaledFP16SaveCLIP). Listens to the events nodes/progress.py sends (docs/ARCHITECTURE.md,
-// "ComfyUI custom events") and to the node's `ui` output, and draws a small panel under the node's widgets.
+// ScaledFP16SaveModel, ScaledFP16SaveCLIP); live progress (prompt or step i of n, tokens recorded) and the summary
+// of each calibration file written on the capture nodes (ScaledFP16CapturePrompts, ScaledFP16CaptureSampling).
+// Listens to the events nodes/progress.py sends (docs/ARCHITECTURE.md, "ComfyUI custom events") and to the node's
+// `ui` output, and draws a small panel under the node's widgets.
 //
 // The panel is a DOM widget (text + progress bar, and a chart of error ratio vs RTN when done). The canvas renderer
 // mounts it; so do Vue node renderers that mount DOM widgets themselves. A Vue node renderer that does not (it shows
@@ -13,7 +15,10 @@ import { chartModel, chartSeries, nextPanelState, panelLines, panelSections, pro
 import { sortPackTemplates } from "./fp16lr_templates.js";
 
 const EXTENSION_NAME = "comfyui-scaled-fp16.progress";
-const NODE_TYPES = new Set(["ScaledFP16Convert", "ScaledFP16SaveModel", "ScaledFP16SaveCLIP"]);
+// the nodes with a panel, and what ComfyUI's own bar counts on each before the node's first event of its own
+const BAR_UNITS = { ScaledFP16Convert: "tensors", ScaledFP16SaveModel: "tensors", ScaledFP16SaveCLIP: "tensors",
+  ScaledFP16CapturePrompts: "prompts", ScaledFP16CaptureSampling: "steps" };
+const NODE_TYPES = new Set(Object.keys(BAR_UNITS));
 const WIDGET_NAME = "fp16lr_panel";
 const LINE_PX = 16;
 const PAD_PX = 12; // the panel's horizontal padding and border
@@ -70,7 +75,7 @@ function executionIdOf(node) {
   return node.fp16lrExecutionId ?? String(node.id);
 }
 
-function isConverter(node) {
+function hasPanel(node) {
   return !!node && (NODE_TYPES.has(node.type) || NODE_TYPES.has(node.comfyClass));
 }
 
@@ -161,7 +166,7 @@ class Panel {
       box.className = "fp16lr-section";
       section.lines.forEach((line, i) => {
         const div = document.createElement("div");
-        const isKey = !!section.event && i === 1; // the live key: one line, shortened, whole on hover
+        const isKey = i === section.keyAt; // the live key: one line, shortened, whole on hover
         div.className = "fp16lr-line" + (i === 0 ? " fp16lr-head" : "") + (section.error && i === 0 ? " fp16lr-error" : "") +
           (isKey ? " fp16lr-key" : "");
         const sub = /^ {2}\S/.test(line); // an indented line keeps its indent when it wraps
@@ -314,7 +319,7 @@ function apply(executionId, kind, payload) {
   if (after === before) return;
   states.set(id, after);
   const node = nodeByExecutionId(id);
-  if (isConverter(node)) {
+  if (hasPanel(node)) {
     node.fp16lrExecutionId = id;
     panelOf(node).render(after);
   }
@@ -334,7 +339,8 @@ function listen() {
   });
   api.addEventListener("executing", ({ detail }) => {
     const id = typeof detail === "object" && detail !== null ? detail.node : detail;
-    if (id != null && isConverter(nodeByExecutionId(id))) apply(id, "start", { prompt_id: currentPromptId });
+    const node = id != null ? nodeByExecutionId(id) : null;
+    if (hasPanel(node)) apply(id, "start", { prompt_id: currentPromptId, unit: BAR_UNITS[node.type] ?? BAR_UNITS[node.comfyClass] });
   });
   api.addEventListener("progress", ({ detail }) => {
     if (detail?.node != null && isBusy(detail.node)) apply(detail.node, "prepare", detail);
@@ -356,7 +362,7 @@ function listen() {
  */
 async function restoreFromHistory() {
   const graph = rootGraph();
-  const nodes = (graph?.nodes ?? graph?._nodes ?? []).filter(isConverter);
+  const nodes = (graph?.nodes ?? graph?._nodes ?? []).filter(hasPanel);
   const pending = nodes.filter((n) => !states.has(executionIdOf(n)));
   if (!pending.length) return;
   let history;
@@ -412,7 +418,7 @@ const extension = {
   },
 
   nodeCreated(node) {
-    if (!isConverter(node)) return;
+    if (!hasPanel(node)) return;
     const panel = panelOf(node);
     const state = states.get(executionIdOf(node));
     if (state) panel.render(state);

@@ -21,6 +21,7 @@ import {
   progressView,
   reportHeadline,
   reportLines,
+  reportLinesWithTips,
   reportView,
   shortenKey,
   toNumber,
@@ -363,4 +364,84 @@ test("chart: empty or all-missing ratios give an empty chart with the RTN line i
   assert.equal(n.finite, 0);
   const one = chartModel([1, 1, 1], { width: 100, height: 50 });
   assert.ok(one.yHigh - one.yLow >= 0.1);
+});
+
+// --- capture nodes -------------------------------------------------------------------------------------------------
+
+const captureEvent = {
+  type: "capture", unit: "prompt", index: 3, total: 12, held_out: false, layers: 144, what: "clip_l, t5xxl",
+  elapsed_s: 6, tokens: [{ name: "clip_l", tokens: 231, held_out: 0 }, { name: "t5xxl", tokens: 1204, held_out: 0 }],
+};
+const captureSummary = {
+  kind: "capture", output_name: "cal_t5xxl.safetensors", seconds: 42, bytes: 123456789, layers: 96, groups: 72,
+  exact_groups: 24, rows_kept_min: 512, rows_kept_max: 768, rows: 512, rows_requested: 3072, budget_bytes: 5e7,
+  tokens_fit: 10240, tokens_check: 10112, tokens_held_out: 800,
+  notes: ["calibration statistics keep 512 rows per layer (asked 3072): 72 groups of input widths up to 10240 within the 0.05 GB budget"],
+  source: { encoder: "t5xxl", prompts: 24, held_out_prompts: 2 },
+};
+
+test("capture progress: prompt or step i of n, tokens per encoder, layers, elapsed and ETA", () => {
+  assert.deepEqual(progressLines(captureEvent), [
+    "Capturing prompt 3/12 · 25.0 %",
+    "tokens recorded: clip_l 231 · t5xxl 1,204",
+    "recording 144 Linear layers of clip_l, t5xxl",
+    "elapsed 6 s · ETA 18 s",
+  ]);
+  const held = { ...captureEvent, index: 11, held_out: true,
+    tokens: [{ name: "t5xxl", tokens: 4000, held_out: 35 }] };
+  assert.equal(progressLines(held)[0], "Capturing held-out prompt 11/12 · 91.7 %");
+  assert.equal(progressLines(held)[1], "tokens recorded: 4,000 (held-out: 35)");
+  const step = { type: "capture", unit: "step", index: 5, total: 20, layers: 3, what: "model", elapsed_s: 10,
+    tokens: [{ name: "model", tokens: 8192, held_out: 0 }] };
+  assert.deepEqual(progressLines(step), ["Capturing step 5/20 · 25.0 %", "tokens recorded: 8,192",
+    "recording 3 Linear layers of the model", "elapsed 10 s · ETA 30 s"]);
+  assert.equal(progressFraction(step), 0.25);
+});
+
+test("capture summary: file, source, layers, rows kept and whether exact, tokens, size and budget, notes", () => {
+  const { lines, tips } = reportLinesWithTips(captureSummary);
+  assert.deepEqual(lines, [
+    "Captured in 42 s",
+    "→ cal_t5xxl.safetensors",
+    "from 24 prompts + 2 held-out · t5xxl encoder",
+    "layers: 96 recorded, 72 input groups",
+    "rows kept per layer: 512–768 (asked 3,072) · exact in 24/72 groups",
+    "tokens: 10,240 fit · 10,112 check · 800 held-out",
+    "file: 123 MB (budget 50.0 MB)",
+    `note: ${captureSummary.notes[0]}`,
+  ]);
+  assert.equal(tips.length, lines.length);
+  assert.ok(tips.every((t) => t.length > 20));
+  const sampling = { ...captureSummary, output_name: "samp.safetensors", rows: 3072, rows_kept_min: 3072,
+    rows_kept_max: 3072, exact_groups: 72, notes: [], tokens_held_out: 0,
+    source: { steps: 20, sampler: "euler", scheduler: "simple", model_calls: 40, layers_total: 500 } };
+  const l2 = reportLinesWithTips(sampling).lines;
+  assert.equal(l2[2], "from a 20-step sampling run (euler, simple; 40 model calls)");
+  assert.equal(l2[3], "layers: 96 of 500 Linear layers recorded, 72 input groups");
+  assert.equal(l2[4], "rows kept per layer: 3,072 · exact in 72/72 groups");
+  assert.equal(l2.length, 7);
+});
+
+test("capture panel state: start in prompts, progress, the summaries of two files, a cancel at a prompt", () => {
+  let s = nextPanelState(null, { kind: "start", payload: { prompt_id: "p1", unit: "prompts" } });
+  s = nextPanelState(s, { kind: "prepare", payload: { value: 2, max: 12 } });
+  assert.deepEqual(panelLines(s), ["Working 2/12 prompts · 16.7 %"]);
+  s = nextPanelState(s, { kind: "progress", payload: { prompt_id: "p1", event: captureEvent } });
+  const running = panelSections(s);
+  assert.equal(running[0].keyAt, null); // no tensor key line to shorten
+  assert.equal(running[0].lines[0], "Capturing prompt 3/12 · 25.0 %");
+  const clip = { ...captureSummary, output_name: "cal_clip_l.safetensors" };
+  s = nextPanelState(s, { kind: "report", payload: { prompt_id: "p1", report: clip } });
+  s = nextPanelState(s, { kind: "report", payload: { prompt_id: "p1", report: captureSummary } });
+  const done = panelSections(s);
+  assert.equal(done.length, 2);
+  assert.equal(done[0].lines[1], "→ cal_clip_l.safetensors");
+  assert.equal(done[1].lines[1], "→ cal_t5xxl.safetensors");
+  assert.ok(done.every((d) => !d.report)); // no error-ratio chart for statistics
+  let c = nextPanelState(null, { kind: "start", payload: { prompt_id: "p2", unit: "prompts" } });
+  c = nextPanelState(c, { kind: "progress", payload: { prompt_id: "p2", event: captureEvent } });
+  c = nextPanelState(c, { kind: "error", payload: { cancelled: true, index: 3, total: 12, unit: "prompt" } });
+  assert.deepEqual(panelLines(c), ["Cancelled at prompt 3/12, no file written."]);
+  c = nextPanelState(c, { kind: "error", payload: { cancelled: false, message: "calibration statistics: a budget of 0.05 GB cannot hold 8 rows" } });
+  assert.equal(panelLines(c)[0], "Failed at prompt 3/12: calibration statistics: a budget of 0.05 GB cannot hold 8 rows; no file written.");
 });
