@@ -8,7 +8,7 @@ File format (safetensors, written by `python -m quant_core capture` or `Calibrat
   ``g.p_mean`` float32 [in] = E[x], ``g.p_diag`` float32 [in] = E[x*x] (exact), and either
   ``g.p_gram`` float32 [in, in] = E[x x^T] (exact: when the rows kept per layer reach the input width) or
   ``g.p_sketch`` bfloat16 [r <= rows, in] (float32 in files written before bfloat16 sketches; both are read), a
-  Frequent-Directions sketch S with S^T S ~ E[x x^T] (see sketch.py: ||E[x x^T] - S^T S||_2 is at most the recorded
+  sketch S (the top directions of the rows, sketch.py) with S^T S ~ E[x x^T] (||E[x x^T] - S^T S||_2 is at most the recorded
   bound, which includes the rounding of S to bfloat16); the second moment used is S^T S with its diagonal replaced
   by the exact one;
 - metadata ``fp16lr_calibration`` (JSON): ``{"version": 3, "layers": {weight_key: {"group": g, "has_bias": bool}},
@@ -449,14 +449,14 @@ def _gb(n: int) -> str:
 class CalibrationWriter:
     """Accumulates per-group input statistics within a memory budget and writes a calibration file (version 3).
 
-    ``add(group, x)`` with x [tokens, in] (any float dtype, on any device: the statistics live and shrink on x's
+    ``add(group, x)`` with x [tokens, in] (any float dtype, on any device: the statistics live and are cut on x's
     device) adds calibration rows; ``fit=True`` marks rows of the fit half (even-numbered sequences; they count
     towards the totals too); ``held_out=True`` adds rows of the held-out text set instead.
 
     Per group and part (fit half, rest, held-out) the writer keeps a `sketch.MomentSketch`: exact mean and diagonal,
-    and `rows` directions of the second moment (Frequent Directions; the exact matrix when rows >= the input width).
+    and `rows` directions of the second moment (sketch.py; the exact matrix when rows >= the input width).
     `rows` (default 3072, the meaning of `calib_samples` with a calibration source) is lowered so that everything
-    held, plus the transient of one shrink, stays within `budget_bytes` (None: no limit): `plan()` sets it for known
+    held, plus the transient of one cut, stays within `budget_bytes` (None: no limit): `plan()` sets it for known
     widths before any row arrives (`capture._Recorder` does); a group that appears unplanned and would overflow the
     budget lowers it for all groups then. Every such change is a line in `notes` (and goes to `on_note`). A budget
     that cannot hold MIN_ROWS rows per group raises `CalibrationError` saying how much would be needed.
@@ -481,7 +481,7 @@ class CalibrationWriter:
     # -- budget ------------------------------------------------------------------------------------------------
     @staticmethod
     def bytes_needed(widths, rows: int) -> int:
-        """Memory the statistics of parts of these input widths hold at `rows` rows, plus one shrink's transient."""
+        """Memory the statistics of parts of these input widths hold at `rows` rows, plus one cut's transient."""
         widths = list(widths)
         if not widths:
             return 0
@@ -546,7 +546,7 @@ class CalibrationWriter:
         return widths
 
     def bytes_held(self) -> int:
-        """Memory the statistics hold now (their planned size, without a shrink's transient)."""
+        """Memory the statistics hold now (their planned size, without a cut's transient)."""
         return sum(MomentSketch.held_bytes(sk.dim, sk.rows) for sk in self._sketches.values())
 
     # -- recording ---------------------------------------------------------------------------------------------

@@ -1,35 +1,38 @@
-"""Second moments of wide inputs in bounded memory: a Frequent-Directions sketch plus the exact diagonal and mean.
+"""Second moments of wide inputs in bounded memory: the top directions of the rows, plus the exact diagonal and mean.
 
 For rows x (activations of one layer input, width `dim`) the calibrated rounding needs H = sum x x^T ([dim, dim]).
 `MomentSketch` keeps, in O(rows * dim) memory instead of O(dim^2):
 
 - ``sum`` = sum x and ``sq`` = sum x*x (the exact diagonal of H), float64 [dim];
-- ``b`` [<= rows, dim], held in bfloat16: a Frequent-Directions sketch (Liberty 2013, Ghashami et al. 2016). Before
-  its rows are rounded to bfloat16 it satisfies ``0 <= H - b^T b`` (positive semi-definite) and
-  ``||H - b^T b||_2 <= shrunk``, where ``shrunk`` is tracked exactly and is itself at most
-  ``min_k ||X - X_k||_F^2 / (rows + 1 - k)`` (X_k the best rank-k approximation of the rows): the best rank-`rows`
-  structure of H is kept, the rest is bounded. Each rounding to bfloat16 moves b^T b by at most
-  ``||D||_2 (2 ||b||_2 + ||D||_2)`` (D the rounding change); ``rounded`` sums these, so ``||H - b^T b||_2 <= shrunk + rounded``. Rounding costs
-  far less than it buys: at a given number of bytes bfloat16 holds twice the rows, and twice the rows lowered the
-  calibrated rounding's error more than the rounding raised it (docs/rounding.md, "Statistics in bounded memory");
+- ``b`` [<= rows, dim], held in bfloat16: a truncated incremental SVD of the rows. Each block of rows is stacked
+  under b and the stack is cut back to its top `rows` singular directions, kept at their full size
+  (``b_i = s_i v_i``). What a cut drops is positive semi-definite with norm ``s_{rows+1}^2``; ``discarded`` sums
+  these, so before the rounding to bfloat16 ``0 <= H - b^T b`` (PSD) and ``||H - b^T b||_2 <= discarded``.
+  Each rounding to bfloat16 moves b^T b by at most ``||D||_2 (2 ||b||_2 + ||D||_2)`` (D the rounding's change);
+  ``rounded`` sums these;
 - or, when ``rows >= dim``, the exact H in float64.
 
 The estimate used downstream is ``b^T b`` with its diagonal replaced by the exact one; its spectral-norm error is at
-most ``bound`` = shrunk + 2 rounded (the error is (E - diag E) + (R - diag R) with E = H - b^T b before rounding,
-PSD, so ||E - diag E|| <= ||E|| <= shrunk, and R the rounding's change, ||R - diag R|| <= 2 ||R||).
+most ``bound`` = discarded + 2 rounded (the error is (E - diag E) + (R - diag R) with E = H - b^T b before rounding,
+PSD, so ||E - diag E|| <= ||E|| <= discarded, and R the rounding's change, ||R - diag R|| <= 2 ||R||).
 
-Rows arrive in blocks; a block is stacked under the sketch and the stack is cut back to `rows` directions in one
-eigen-decomposition of its small Gram matrix ([rows + block]^2), on the device the rows are on. Shrinking by the
-(rows+1)-th eigenvalue of the stack is the block form of Frequent Directions; the bounds above hold for it.
+Why this form (measured on MiniLM, docs/rounding.md "Statistics in bounded memory"): Frequent Directions (Liberty
+2013), which lowers every kept direction by the dropped amount at each cut, has an a-priori error guarantee but lost
+most of the calibrated rounding's gain at FLUX-dev's bytes per layer; the unshrunk cut matched the best rank-`rows`
+approximation of the exact matrix. bfloat16 holds twice the rows per byte of float32, and twice the rows lowered the
+calibrated rounding's error far more than the rounding raised it. The tracked bound above holds for both.
+
+Rows arrive in blocks; one eigen-decomposition of the stack's small Gram matrix ([rows + block]^2) per block, on the
+device the rows are on.
 """
 
 from __future__ import annotations
 
 import torch
 
-BLOCK_ROWS = 2048  # most rows stacked under the sketch per shrink (bounds the transient memory, see transient_bytes)
+BLOCK_ROWS = 2048  # most rows stacked under the sketch per cut (bounds the transient memory, see transient_bytes)
 STORE_DTYPE = torch.bfloat16  # the sketch's rows between blocks and in the file: twice the rows per byte of float32
-MIN_BLOCK_ROWS = 256  # a block is 2 * rows within [MIN_BLOCK_ROWS, BLOCK_ROWS]: one shrink per block of rows, the
+MIN_BLOCK_ROWS = 256  # a block is 2 * rows within [MIN_BLOCK_ROWS, BLOCK_ROWS]: one cut per block of rows, the
 # decomposition's cost per row ~ (rows + block)^3 / block is near its least there
 
 
@@ -42,9 +45,9 @@ class MomentSketch:
         self.count = 0
         self.sum = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         self.sq = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        self.shrunk = 0.0  # sum of the shrink amounts
-        self.rounded = 0.0  # sum of the bfloat16 rounding bounds: ||H - b^T b||_2 <= shrunk + rounded
-        self.orthogonal = False  # the rows of b are orthogonal (true after a shrink)
+        self.discarded = 0.0  # sum of the norms of what the cuts dropped
+        self.rounded = 0.0  # sum of the bfloat16 rounding bounds: ||H - b^T b||_2 <= discarded + rounded
+        self.orthogonal = False  # the rows of b are orthogonal (true after a cut)
         self.gram: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         if self.exact:
@@ -59,7 +62,7 @@ class MomentSketch:
     @property
     def bound(self) -> float:
         """Spectral-norm bound on the error of `second_moment()` (0 for the exact matrix)."""
-        return self.shrunk + 2.0 * self.rounded
+        return self.discarded + 2.0 * self.rounded
 
     @staticmethod
     def held_bytes(dim: int, rows: int) -> int:
@@ -100,8 +103,8 @@ class MomentSketch:
         if m.shape[0] <= self.rows:  # not yet full: the rows as they came (not orthogonal)
             self._store(m, orthogonal=False)
             return
-        b, delta = _shrink(m, self.rows)
-        self.shrunk += delta
+        b, dropped = _top_rows(m, self.rows)
+        self.discarded += dropped
         self._store(b, orthogonal=True)
 
     def _store(self, b: torch.Tensor, orthogonal: bool) -> None:
@@ -111,23 +114,22 @@ class MomentSketch:
         self.rounded += rounding_bound(b, self.b, orthogonal)
 
     def resize(self, rows: int) -> None:
-        """Keep at most `rows` directions from now on (fewer: shrink now; the error bound keeps accumulating)."""
+        """Keep at most `rows` directions from now on (fewer: cut now; the error bound keeps accumulating)."""
         rows = int(rows)
         if rows == self.rows:
             return
         if self.exact and rows < self.dim:  # exact -> sketch: the top `rows` eigen-directions of H
             lam, vec = torch.linalg.eigh(self.gram)
             lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)
-            delta = float(lam[rows])
             self.gram = None
-            self.shrunk += delta
-            self._store((lam[:rows] - delta).sqrt()[:, None] * vec[:, :rows].T, orthogonal=True)
+            self.discarded += float(lam[rows])
+            self._store(lam[:rows].sqrt()[:, None] * vec[:, :rows].T, orthogonal=True)
         elif not self.exact and rows < self.b.shape[0]:
-            b, delta = _shrink(self.b.double(), rows)
-            self.shrunk += delta
+            b, dropped = _top_rows(self.b.double(), rows)
+            self.discarded += dropped
             self._store(b, orthogonal=True)
         elif not self.exact and rows >= self.dim:  # room for the full matrix: accumulate it from here on
-            self.gram = self.second_moment(torch.float64)  # what was shrunk before stays in `shrunk`
+            self.gram = self.second_moment(torch.float64)  # what was dropped before stays in `discarded`
             self.b = None
         self.rows = rows
 
@@ -157,21 +159,14 @@ def _spectral_norm(a: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh(g)[-1].clamp_min(0.0)) ** 0.5
 
 
-def _shrink(m: torch.Tensor, rows: int) -> tuple[torch.Tensor, float]:
-    """Frequent-Directions shrink of the stacked rows m [r, dim] (float64, r > rows) to `rows` rows:
-    sqrt(s_i^2 - delta) v_i^T for the top `rows` singular pairs, delta = s_{rows+1}^2. Returns (rows x dim float64,
-    orthogonal rows; delta)."""
+def _top_rows(m: torch.Tensor, rows: int) -> tuple[torch.Tensor, float]:
+    """The top `rows` singular directions of the stacked rows m [r, dim] (float64, r > rows) at full size,
+    s_i v_i^T, and the norm of what is dropped, s_{rows+1}^2. Returns (rows x dim float64, orthogonal rows; dropped)."""
     if m.shape[0] > m.shape[1]:  # more rows than width: decompose m^T m instead (same spectrum, smaller)
         lam, v = torch.linalg.eigh(m.T @ m)
         lam, v = lam.flip(0).clamp_min(0.0), v.flip(1)
-        delta = float(lam[rows]) if rows < lam.numel() else 0.0
-        b = (lam[:rows] - delta).clamp_min(0.0).sqrt()[:, None] * v[:, :rows].T
-        return b, delta
-    g = m @ m.T
-    lam, u = torch.linalg.eigh(g)
+        dropped = float(lam[rows]) if rows < lam.numel() else 0.0
+        return lam[:rows].sqrt()[:, None] * v[:, :rows].T, dropped
+    lam, u = torch.linalg.eigh(m @ m.T)
     lam, u = lam.flip(0).clamp_min(0.0), u.flip(1)
-    delta = float(lam[rows])
-    top = lam[:rows]
-    coef = torch.where(top > delta, ((top - delta) / top.clamp_min(1e-300)).sqrt(), torch.zeros_like(top))
-    b = (coef[:, None] * u[:, :rows].T) @ m  # u_i^T m = s_i v_i^T
-    return b, delta
+    return u[:, :rows].T @ m, float(lam[rows])  # u_i^T m = s_i v_i^T
