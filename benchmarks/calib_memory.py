@@ -5,6 +5,7 @@ cost, sketched against exact.
     python benchmarks/calib_memory.py --parts plan             # the budget arithmetic only (no rows, any machine)
     python benchmarks/calib_memory.py --parts capture --models t5xxl --steps 2
     python benchmarks/calib_memory.py --parts gptq --shapes 3072x3072 3072x15360
+    python benchmarks/calib_memory.py --parts model --models t5xxl --blocks 2
 
 plan: for the default budget (`calibration.DEFAULT_BUDGET_BYTES`), the rows per layer the writer keeps for every
 input group of the model (the widths below), the file size that gives, and the exact-Gram size for comparison.
@@ -22,6 +23,13 @@ features; statistics captured twice (sketched at the rows the FLUX budget allows
 files, read back with `load_calibration` and rounded by `round_to_fp16` (the converter's path, calibrated mode, on
 the device): wall time, peak RSS, peak device memory, and the held-out figure each reports, plus the output error of
 both results measured on fresh rows from the same distribution (exact statistics, not the sketch).
+
+model: the converter's whole path on the first `--blocks` blocks of a full-shaped model (T5XXL: one encoder block;
+FLUX-dev: one double block and one single block per "block"): an FP32 safetensors file of those blocks (random
+weights), its calibration file captured as above at the rows the FULL model's plan allows, then `convert_file` with
+`calibration=` on the device. Printed: conversion wall time, peak RSS, peak device memory, sizes, calibrated tensors
+and fallbacks, and for T5XXL the whole model's conversion time scaled from these blocks (an extrapolation, labelled
+so).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from quant_core.calibration import DEFAULT_BUDGET_BYTES, CalibrationWriter  # noqa: E402
+from quant_core.sketch import STORE_DTYPE  # noqa: E402
 
 
 def flux_groups() -> list[tuple[str, int, str]]:
@@ -84,13 +93,14 @@ def peak_rss_gb() -> float:
 
 
 def plan(budget: int) -> None:
-    print(f"budget {budget / 1e9:.2f} GB (statistics held + one shrink's transient; fit half and rest per group)")
+    print(f"budget {budget / 1e9:.2f} GB (statistics held + one cut's transient; fit half and rest per group)")
     for name, fn in MODELS.items():
         widths = [d for _, d, _ in fn()]
         w = CalibrationWriter(budget_bytes=budget)
         rows = w.rows_for(widths * 2)
         exact = sum(8 * d * d for d in widths)  # fit + rest, float32
-        file_bytes = sum(2 * (4 * min(rows, d) * d if rows < d else 4 * d * d) + 16 * d for d in widths)
+        per_value = torch.empty(0, dtype=STORE_DTYPE).element_size()  # the sketch's rows (exact matrices: float32)
+        file_bytes = sum(2 * (per_value * rows * d if rows < d else 4 * d * d) + 16 * d for d in widths)
         print(f"  {name}: {len(widths)} groups, sum of widths {sum(widths)}, widest {max(widths)}: {rows} rows per "
               f"layer (rows/width of the widest {rows / max(widths):.4f}); statistics held "
               f"{CalibrationWriter.bytes_needed(widths * 2, rows) / 1e9:.2f} GB, file <= {file_bytes / 1e9:.2f} GB; "
@@ -193,10 +203,83 @@ def run_gptq(shape: str, rows: int | None, tokens: int, device: str, out_dir: st
     return res
 
 
+def model_weights(model: str, blocks: int) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """({weight key: (out, in)}, {weight key: calibration group}) of the first `blocks` blocks of the model."""
+    shapes, groups = {}, {}
+    if model == "t5xxl":
+        for i in range(blocks):
+            p = f"encoder.block.{i}.layer."
+            for name, shape, g in (("0.SelfAttention.q", (4096, 4096), "0.SelfAttention.qkv"),
+                                   ("0.SelfAttention.k", (4096, 4096), "0.SelfAttention.qkv"),
+                                   ("0.SelfAttention.v", (4096, 4096), "0.SelfAttention.qkv"),
+                                   ("0.SelfAttention.o", (4096, 4096), "0.SelfAttention.o"),
+                                   ("1.DenseReluDense.wi_0", (10240, 4096), "1.DenseReluDense.wi"),
+                                   ("1.DenseReluDense.wi_1", (10240, 4096), "1.DenseReluDense.wi"),
+                                   ("1.DenseReluDense.wo", (4096, 10240), "1.DenseReluDense.wo")):
+                shapes[f"{p}{name}.weight"], groups[f"{p}{name}.weight"] = shape, p + g
+        return shapes, groups
+    for i in range(blocks):
+        for s in ("img", "txt"):
+            p = f"double_blocks.{i}.{s}_"
+            for name, shape in (("mod.lin", (18432, 3072)), ("attn.qkv", (9216, 3072)), ("attn.proj", (3072, 3072)),
+                                ("mlp.0", (12288, 3072)), ("mlp.2", (3072, 12288))):
+                shapes[f"{p}{name}.weight"], groups[f"{p}{name}.weight"] = shape, p + name
+        p = f"single_blocks.{i}."
+        for name, shape in (("modulation.lin", (9216, 3072)), ("linear1", (21504, 3072)), ("linear2", (3072, 15360))):
+            shapes[f"{p}{name}.weight"], groups[f"{p}{name}.weight"] = shape, p + name
+    return shapes, groups
+
+
+def run_model(model: str, blocks: int, steps: int, budget: int, device: str, t5_tokens: int, out_dir: str) -> dict:
+    from safetensors.torch import save_file
+
+    from quant_core import ConvertOptions, convert_file
+
+    shapes, layer_groups = model_weights(model, blocks)
+    kinds = {g: (d, kind) for g, d, kind in MODELS[model]()}
+    src = os.path.join(out_dir, f"{model}-{blocks}.safetensors")
+    gen = torch.Generator().manual_seed(2)
+    save_file({k: torch.randn(*shape, generator=gen) * 0.02 for k, shape in shapes.items()}, src)
+    w = CalibrationWriter(budget_bytes=budget)
+    w.plan({g: d for g, d, _ in MODELS[model]()}, parts=2)  # the full model's rows
+    for k, g in layer_groups.items():
+        w.add_layer(k, g, False)
+    dgen = torch.Generator(device=device).manual_seed(0)
+    for step in range(steps):
+        for g in sorted(set(layer_groups.values())):
+            d, kind = kinds[g]
+            w.add(g, synthetic(rows_per_step(kind, model, t5_tokens), d, dgen, device), fit=step % 2 == 0)
+    cal = os.path.join(out_dir, f"{model}-{blocks}.calib.safetensors")
+    w.save(cal, {"model": f"synthetic {model}, {blocks} blocks"})
+    rows = w.rows
+    del w
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = peak_rss_gb()
+    dst = os.path.join(out_dir, f"{model}-{blocks}.fp16.safetensors")
+    t0 = time.perf_counter()
+    report = convert_file(src, dst, ConvertOptions(calibration=cal, device=device))
+    secs = time.perf_counter() - t0
+    learned = report["learned"]
+    res = {"model": model, "blocks": blocks, "rows": rows, "seconds": round(secs, 1),
+           "params": sum(a * b for a, b in shapes.values()), "src_gb": os.path.getsize(src) / 1e9,
+           "calib_gb": os.path.getsize(cal) / 1e9, "out_gb": os.path.getsize(dst) / 1e9,
+           "peak_rss_gb": peak_rss_gb(), "rss_before_gb": rss0,
+           "calibrated": learned.get("calibrated_tensors"), "fallbacks": learned.get("calibrated_fallbacks", 0),
+           "held_out_ratio": learned.get("output_error_ratio_mean")}
+    if device.startswith("cuda"):
+        res["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return res
+
+
 def child(args) -> int:
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         if args.child == "capture":
             res = run_capture(args.model, args.steps, args.budget, args.device, args.t5_tokens, d, args.limit_groups)
+        elif args.child == "model":
+            res = run_model(args.model, args.blocks, args.steps, args.budget, args.device, args.t5_tokens, d)
         else:
             res = run_gptq(args.shape, None if args.rows == 0 else args.rows, args.tokens, args.device, d,
                            args.build_on_device)
@@ -217,7 +300,7 @@ def spawn(extra: list[str], args) -> dict | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", nargs="+", default=["plan", "capture", "gptq"], choices=["plan", "capture", "gptq"])
+    p.add_argument("--parts", nargs="+", default=["plan", "capture", "gptq"], choices=["plan", "capture", "gptq", "model"])
     p.add_argument("--models", nargs="+", default=["flux", "t5xxl"], choices=list(MODELS))
     p.add_argument("--steps", type=int, default=4, help="capture steps (FLUX: denoising steps of 4608 tokens)")
     p.add_argument("--t5-tokens", type=int, default=4096, help="T5XXL tokens per capture step")
@@ -230,7 +313,8 @@ def main(argv=None) -> int:
                    help="gptq: load_calibration(device=...): the [in, in] matrices are built on the device")
     p.add_argument("--limit-groups", type=int, help="capture only the first N groups (a smoke run)")
     p.add_argument("--tmp", help="folder for the files written (default: the system's temp folder)")
-    p.add_argument("--child", choices=["capture", "gptq"], help=argparse.SUPPRESS)
+    p.add_argument("--blocks", type=int, default=1, help="model: blocks of the model converted")
+    p.add_argument("--child", choices=["capture", "gptq", "model"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
@@ -270,6 +354,21 @@ def main(argv=None) -> int:
                           f"device memory {r.get('peak_vram_gb', float('nan')):.2f} GB, file {r['file_gb']:.3f} GB;"
                           f" {r['method']}, held-out ratio {r['held_out_ratio']}, fresh rows {r['fresh_ratio']:.4f}",
                           flush=True)
+    if "model" in args.parts:
+        for model in args.models:
+            r = spawn(["--child", "model", "--model", model, "--blocks", str(args.blocks), "--steps", str(args.steps),
+                       "--t5-tokens", str(args.t5_tokens)], args)
+            if r:
+                scale = (24 / r["blocks"]) if model == "t5xxl" else None
+                print(f"  {model}, first {r['blocks']} block(s), {r['params'] / 1e9:.2f} B parameters ({r['src_gb']:.2f} GB"
+                      f" FP32): calibrated conversion {r['seconds']} s, peak RSS {r['peak_rss_gb']:.2f} GB "
+                      f"({r['rss_before_gb']:.2f} before), peak device memory {r.get('peak_vram_gb', float('nan')):.2f} "
+                      f"GB; output {r['out_gb']:.2f} GB, calibration file {r['calib_gb']:.3f} GB ({r['rows']} rows per "
+                      f"layer, the full model's); {r['calibrated']} calibrated tensors, {r['fallbacks']} fallbacks, "
+                      f"held-out ratio {r['held_out_ratio']}", flush=True)
+                if scale:
+                    print(f"    whole model (24 blocks), scaled from these blocks (extrapolated, not "
+                          f"measured): {r['seconds'] * scale / 60:.0f} min")
     return 0
 
 

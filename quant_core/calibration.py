@@ -7,15 +7,16 @@ File format (safetensors, written by `python -m quant_core capture` or `Calibrat
   held-out text set, used only for reporting):
   ``g.p_mean`` float32 [in] = E[x], ``g.p_diag`` float32 [in] = E[x*x] (exact), and either
   ``g.p_gram`` float32 [in, in] = E[x x^T] (exact: when the rows kept per layer reach the input width) or
-  ``g.p_sketch`` float32 [r <= rows, in], a Frequent-Directions sketch S with S^T S ~ E[x x^T]
-  (see sketch.py: E[x x^T] - S^T S is positive semi-definite with spectral norm at most the recorded bound); the
-  second moment used is S^T S with its diagonal replaced by the exact one;
+  ``g.p_sketch`` bfloat16 [r <= rows, in] (float32 in files written before bfloat16 sketches; both are read), a
+  sketch S (the top directions of the rows, sketch.py) with S^T S ~ E[x x^T] (||E[x x^T] - S^T S||_2 is at most the recorded
+  bound, which includes the rounding of S to bfloat16); the second moment used is S^T S with its diagonal replaced
+  by the exact one;
 - metadata ``fp16lr_calibration`` (JSON): ``{"version": 3, "layers": {weight_key: {"group": g, "has_bias": bool}},
   "groups": {g: {"in_features": int, "count": fit + rest tokens, "fit_count", "rest_count", "eval_count",
   "rows": {p: rows held}, "exact": {p: bool}, "error_bound": {p: bound on ||E[x x^T] - estimate||_2}}},
   "statistics": {"rows_requested", "rows", "budget_bytes", "notes"}, "source": {...}}``.
 
-The file holds at most `rows` x in floats per group and part, so its size (like the writer's memory) is bounded by
+The file holds at most `rows` x in values per group and part, so its size (like the writer's memory) is bounded by
 the budget the writer was given, never by the amount of text or by in^2. The [in, in] matrices are built on first
 use, one group at a time (on the device given to `load_calibration`).
 
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConversionError
-from .sketch import MomentSketch
+from .sketch import STORE_DTYPE, MomentSketch, rounding_bound
 
 FORMAT_KEY = "fp16lr_calibration"
 FORMAT_VERSION = 3
@@ -191,6 +192,11 @@ def _build_second_moment(parts: list[_Part], device=None) -> torch.Tensor:
         diag = sum(p.diag.to(device=device, dtype=torch.float64) * (p.count / n) for p in parts)
         g.diagonal().copy_(diag)
     return g
+
+
+def _scaled(sk: MomentSketch) -> torch.Tensor:
+    """The sketch of a mean second moment: b / sqrt(count) (float64; stored rounded to the sketch's dtype)."""
+    return sk.b.double() / sk.count ** 0.5
 
 
 def _meta_error(path: str, what: str) -> CalibrationError:
@@ -443,14 +449,14 @@ def _gb(n: int) -> str:
 class CalibrationWriter:
     """Accumulates per-group input statistics within a memory budget and writes a calibration file (version 3).
 
-    ``add(group, x)`` with x [tokens, in] (any float dtype, on any device: the statistics live and shrink on x's
+    ``add(group, x)`` with x [tokens, in] (any float dtype, on any device: the statistics live and are cut on x's
     device) adds calibration rows; ``fit=True`` marks rows of the fit half (even-numbered sequences; they count
     towards the totals too); ``held_out=True`` adds rows of the held-out text set instead.
 
     Per group and part (fit half, rest, held-out) the writer keeps a `sketch.MomentSketch`: exact mean and diagonal,
-    and `rows` directions of the second moment (Frequent Directions; the exact matrix when rows >= the input width).
+    and `rows` directions of the second moment (sketch.py; the exact matrix when rows >= the input width).
     `rows` (default 3072, the meaning of `calib_samples` with a calibration source) is lowered so that everything
-    held, plus the transient of one shrink, stays within `budget_bytes` (None: no limit): `plan()` sets it for known
+    held, plus the transient of one cut, stays within `budget_bytes` (None: no limit): `plan()` sets it for known
     widths before any row arrives (`capture._Recorder` does); a group that appears unplanned and would overflow the
     budget lowers it for all groups then. Every such change is a line in `notes` (and goes to `on_note`). A budget
     that cannot hold MIN_ROWS rows per group raises `CalibrationError` saying how much would be needed.
@@ -475,7 +481,7 @@ class CalibrationWriter:
     # -- budget ------------------------------------------------------------------------------------------------
     @staticmethod
     def bytes_needed(widths, rows: int) -> int:
-        """Memory the statistics of parts of these input widths hold at `rows` rows, plus one shrink's transient."""
+        """Memory the statistics of parts of these input widths hold at `rows` rows, plus one cut's transient."""
         widths = list(widths)
         if not widths:
             return 0
@@ -540,7 +546,7 @@ class CalibrationWriter:
         return widths
 
     def bytes_held(self) -> int:
-        """Memory the statistics hold now (their planned size, without a shrink's transient)."""
+        """Memory the statistics hold now (their planned size, without a cut's transient)."""
         return sum(MomentSketch.held_bytes(sk.dim, sk.rows) for sk in self._sketches.values())
 
     # -- recording ---------------------------------------------------------------------------------------------
@@ -580,7 +586,7 @@ class CalibrationWriter:
         for (g, part), sk in self._sketches.items():
             if sk.count:
                 top = float(sk.sq.max()) if sk.dim else 0.0
-                out.setdefault(g, {})[part] = sk.shrunk / top if top > 0 else 0.0
+                out.setdefault(g, {})[part] = sk.bound / top if top > 0 else 0.0
         return out
 
     # -- file --------------------------------------------------------------------------------------------------
@@ -597,14 +603,17 @@ class CalibrationWriter:
                                          "eval_count": 0, "rows": {}, "exact": {}, "error_bound": {}})
             info[_PART_COUNT[part]] = sk.count
             info["rows"][part] = sk.dim if sk.exact else int(sk.b.shape[0])
-            info["exact"][part] = bool(sk.exact and sk.shrunk == 0.0)
-            info["error_bound"][part] = sk.shrunk / sk.count  # ||E[x x^T] - estimate||_2 <= this
+            info["exact"][part] = bool(sk.exact and sk.bound == 0.0)
+            # ||E[x x^T] - estimate||_2 <= this (sketch.py), the sketch as stored: rounded once more after the
+            # division by the count (a rounding's change counts twice once the exact diagonal replaces S^T S's)
+            info["error_bound"][part] = sk.bound / sk.count + (0.0 if sk.exact else 2.0 * rounding_bound(
+                _scaled(sk), _scaled(sk).to(STORE_DTYPE), orthogonal=sk.orthogonal))
             plan += [(f"{g}.{part}_mean", "F32", (sk.dim,), sk, "mean"),
                      (f"{g}.{part}_diag", "F32", (sk.dim,), sk, "diag")]
             if sk.exact:
                 plan.append((f"{g}.{part}_gram", "F32", (sk.dim, sk.dim), sk, "gram"))
             else:
-                plan.append((f"{g}.{part}_sketch", "F32", tuple(sk.b.shape), sk, "sketch"))
+                plan.append((f"{g}.{part}_sketch", "BF16", tuple(sk.b.shape), sk, "sketch"))
         for info in groups.values():
             info["count"] = info["fit_count"] + info["rest_count"]
         groups = {g: info for g, info in groups.items() if info["count"] > 0}
@@ -624,6 +633,7 @@ class CalibrationWriter:
                 elif what == "gram":
                     t = sk.gram / n
                 else:
-                    t = sk.b / n ** 0.5
+                    out.write(key, _scaled(sk).to(STORE_DTYPE).cpu().contiguous())
+                    continue
                 out.write(key, t.float().cpu().contiguous())
             out.commit()

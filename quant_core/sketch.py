@@ -1,29 +1,38 @@
-"""Second moments of wide inputs in bounded memory: a Frequent-Directions sketch plus the exact diagonal and mean.
+"""Second moments of wide inputs in bounded memory: the top directions of the rows, plus the exact diagonal and mean.
 
 For rows x (activations of one layer input, width `dim`) the calibrated rounding needs H = sum x x^T ([dim, dim]).
 `MomentSketch` keeps, in O(rows * dim) memory instead of O(dim^2):
 
 - ``sum`` = sum x and ``sq`` = sum x*x (the exact diagonal of H), float64 [dim];
-- ``b`` [<= rows, dim]: a Frequent-Directions sketch (Liberty 2013, Ghashami et al. 2016) with
-  ``0 <= H - b^T b`` (positive semi-definite) and ``||H - b^T b||_2 <= shrunk``, where ``shrunk`` is tracked exactly
-  and is itself at most ``min_k ||X - X_k||_F^2 / (rows + 1 - k)`` (X_k the best rank-k approximation of the rows):
-  the best rank-`rows` structure of H is kept, the rest is bounded;
-- or, when ``rows >= dim``, the exact H in float64 (the sketch could not be smaller).
+- ``b`` [<= rows, dim], held in bfloat16: a truncated incremental SVD of the rows. Each block of rows is stacked
+  under b and the stack is cut back to its top `rows` singular directions, kept at their full size
+  (``b_i = s_i v_i``). What a cut drops is positive semi-definite with norm ``s_{rows+1}^2``; ``discarded`` sums
+  these, so before the rounding to bfloat16 ``0 <= H - b^T b`` (PSD) and ``||H - b^T b||_2 <= discarded``.
+  Each rounding to bfloat16 moves b^T b by at most ``||D||_2 (2 ||b||_2 + ||D||_2)`` (D the rounding's change);
+  ``rounded`` sums these;
+- or, when ``rows >= dim``, the exact H in float64.
 
-The estimate used downstream is ``b^T b`` with its diagonal replaced by the exact one; its error is
-``E - diag(E)`` with E = H - b^T b PSD, so its spectral norm is still at most ``shrunk``.
+The estimate used downstream is ``b^T b`` with its diagonal replaced by the exact one; its spectral-norm error is at
+most ``bound`` = discarded + 2 rounded (the error is (E - diag E) + (R - diag R) with E = H - b^T b before rounding,
+PSD, so ||E - diag E|| <= ||E|| <= discarded, and R the rounding's change, ||R - diag R|| <= 2 ||R||).
 
-Rows arrive in blocks; a block is stacked under the sketch and the stack is cut back to `rows` directions in one
-eigen-decomposition of its small Gram matrix ([rows + block]^2), on the device the rows are on. Shrinking by the
-(rows+1)-th eigenvalue of the stack is the block form of Frequent Directions; the bounds above hold for it.
+Why this form (measured on MiniLM, docs/rounding.md "Statistics in bounded memory"): Frequent Directions (Liberty
+2013), which lowers every kept direction by the dropped amount at each cut, has an a-priori error guarantee but lost
+most of the calibrated rounding's gain at FLUX-dev's bytes per layer; the unshrunk cut matched the best rank-`rows`
+approximation of the exact matrix. bfloat16 holds twice the rows per byte of float32, and twice the rows lowered the
+calibrated rounding's error far more than the rounding raised it. The tracked bound above holds for both.
+
+Rows arrive in blocks; one eigen-decomposition of the stack's small Gram matrix ([rows + block]^2) per block, on the
+device the rows are on.
 """
 
 from __future__ import annotations
 
 import torch
 
-BLOCK_ROWS = 2048  # most rows stacked under the sketch per shrink (bounds the transient memory, see transient_bytes)
-MIN_BLOCK_ROWS = 256  # a block is 2 * rows within [MIN_BLOCK_ROWS, BLOCK_ROWS]: one shrink per block of rows, the
+BLOCK_ROWS = 2048  # most rows stacked under the sketch per cut (bounds the transient memory, see transient_bytes)
+STORE_DTYPE = torch.bfloat16  # the sketch's rows between blocks and in the file: twice the rows per byte of float32
+MIN_BLOCK_ROWS = 256  # a block is 2 * rows within [MIN_BLOCK_ROWS, BLOCK_ROWS]: one cut per block of rows, the
 # decomposition's cost per row ~ (rows + block)^3 / block is near its least there
 
 
@@ -36,22 +45,29 @@ class MomentSketch:
         self.count = 0
         self.sum = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         self.sq = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        self.shrunk = 0.0  # sum of the shrink amounts: ||H - b^T b||_2 <= shrunk
+        self.discarded = 0.0  # sum of the norms of what the cuts dropped
+        self.rounded = 0.0  # sum of the bfloat16 rounding bounds: ||H - b^T b||_2 <= discarded + rounded
+        self.orthogonal = False  # the rows of b are orthogonal (true after a cut)
         self.gram: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         if self.exact:
             self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
         else:
-            self.b = torch.zeros(0, self.dim, dtype=torch.float32, device=self.device)
+            self.b = torch.zeros(0, self.dim, dtype=STORE_DTYPE, device=self.device)
 
     @property
     def exact(self) -> bool:
         return self.rows >= self.dim
 
+    @property
+    def bound(self) -> float:
+        """Spectral-norm bound on the error of `second_moment()` (0 for the exact matrix)."""
+        return self.discarded + 2.0 * self.rounded
+
     @staticmethod
     def held_bytes(dim: int, rows: int) -> int:
         """Memory one sketch holds between blocks."""
-        return 8 * dim * dim + 16 * dim if rows >= dim else 4 * rows * dim + 16 * dim
+        return 8 * dim * dim + 16 * dim if rows >= dim else 2 * rows * dim + 16 * dim
 
     @staticmethod
     def block_rows(rows: int) -> int:
@@ -83,30 +99,37 @@ class MomentSketch:
                 self._absorb(c)
 
     def _absorb(self, x: torch.Tensor) -> None:
-        m = torch.cat([self.b, x]).double()
-        if m.shape[0] <= self.rows:
-            self.b = m.float()
+        m = torch.cat([self.b.double(), x.double()])
+        if m.shape[0] <= self.rows:  # not yet full: the rows as they came (not orthogonal)
+            self._store(m, orthogonal=False)
             return
-        self.b, delta = _shrink(m, self.rows)
-        self.shrunk += delta
+        b, dropped = _top_rows(m, self.rows)
+        self.discarded += dropped
+        self._store(b, orthogonal=True)
+
+    def _store(self, b: torch.Tensor, orthogonal: bool) -> None:
+        """Keep b in bfloat16 and add the bound of what the rounding moved b^T b by to `rounded`."""
+        self.b = b.to(STORE_DTYPE)
+        self.orthogonal = orthogonal
+        self.rounded += rounding_bound(b, self.b, orthogonal)
 
     def resize(self, rows: int) -> None:
-        """Keep at most `rows` directions from now on (fewer: shrink now; the error bound keeps accumulating)."""
+        """Keep at most `rows` directions from now on (fewer: cut now; the error bound keeps accumulating)."""
         rows = int(rows)
         if rows == self.rows:
             return
         if self.exact and rows < self.dim:  # exact -> sketch: the top `rows` eigen-directions of H
             lam, vec = torch.linalg.eigh(self.gram)
             lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)
-            delta = float(lam[rows])
-            self.b = ((lam[:rows] - delta).sqrt()[:, None] * vec[:, :rows].T).float()
-            self.shrunk += delta
             self.gram = None
+            self.discarded += float(lam[rows])
+            self._store(lam[:rows].sqrt()[:, None] * vec[:, :rows].T, orthogonal=True)
         elif not self.exact and rows < self.b.shape[0]:
-            self.b, delta = _shrink(self.b.double(), rows)
-            self.shrunk += delta
+            b, dropped = _top_rows(self.b.double(), rows)
+            self.discarded += dropped
+            self._store(b, orthogonal=True)
         elif not self.exact and rows >= self.dim:  # room for the full matrix: accumulate it from here on
-            self.gram = self.second_moment(torch.float64)  # what was shrunk before stays in `shrunk`
+            self.gram = self.second_moment(torch.float64)  # what was dropped before stays in `discarded`
             self.b = None
         self.rows = rows
 
@@ -114,26 +137,36 @@ class MomentSketch:
         """sum x x^T: exact, or b^T b with the exact diagonal, [dim, dim]."""
         if self.exact:
             return self.gram.to(dtype)
-        g = (self.b.T @ self.b).to(dtype)
+        b = self.b.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        g = (b.T @ b).to(dtype)
         g.diagonal().copy_(self.sq)
         return g
 
 
-def _shrink(m: torch.Tensor, rows: int) -> tuple[torch.Tensor, float]:
-    """Frequent-Directions shrink of the stacked rows m [r, dim] (float64, r > rows) to `rows` rows:
-    sqrt(s_i^2 - delta) v_i^T for the top `rows` singular pairs, delta = s_{rows+1}^2. Returns (rows x dim float32,
-    delta)."""
+def rounding_bound(b: torch.Tensor, rounded: torch.Tensor, orthogonal: bool) -> float:
+    """A bound on ||b^T b - r^T r||_2 for r = b rounded: ||D||_2 (2 ||b||_2 + ||D||_2) with D = r - b (spectral norms
+    from the Gram matrix of the smaller side; ||b||_2 is the largest row norm when the rows are orthogonal)."""
+    if b.numel() == 0:
+        return 0.0
+    b = b.double()
+    d = _spectral_norm(rounded.double() - b)
+    norm = float(b.norm(dim=1).max()) if orthogonal else _spectral_norm(b)
+    return d * (2.0 * norm + d)
+
+
+def _spectral_norm(a: torch.Tensor) -> float:
+    g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    return float(torch.linalg.eigvalsh(g)[-1].clamp_min(0.0)) ** 0.5
+
+
+def _top_rows(m: torch.Tensor, rows: int) -> tuple[torch.Tensor, float]:
+    """The top `rows` singular directions of the stacked rows m [r, dim] (float64, r > rows) at full size,
+    s_i v_i^T, and the norm of what is dropped, s_{rows+1}^2. Returns (rows x dim float64, orthogonal rows; dropped)."""
     if m.shape[0] > m.shape[1]:  # more rows than width: decompose m^T m instead (same spectrum, smaller)
         lam, v = torch.linalg.eigh(m.T @ m)
         lam, v = lam.flip(0).clamp_min(0.0), v.flip(1)
-        delta = float(lam[rows]) if rows < lam.numel() else 0.0
-        b = (lam[:rows] - delta).clamp_min(0.0).sqrt()[:, None] * v[:, :rows].T
-        return b.float(), delta
-    g = m @ m.T
-    lam, u = torch.linalg.eigh(g)
+        dropped = float(lam[rows]) if rows < lam.numel() else 0.0
+        return lam[:rows].sqrt()[:, None] * v[:, :rows].T, dropped
+    lam, u = torch.linalg.eigh(m @ m.T)
     lam, u = lam.flip(0).clamp_min(0.0), u.flip(1)
-    delta = float(lam[rows])
-    top = lam[:rows]
-    coef = torch.where(top > delta, ((top - delta) / top.clamp_min(1e-300)).sqrt(), torch.zeros_like(top))
-    b = (coef[:, None] * u[:, :rows].T) @ m  # u_i^T m = s_i v_i^T
-    return b.float(), delta
+    return u[:, :rows].T @ m, float(lam[rows])  # u_i^T m = s_i v_i^T
