@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-check", action="store_true", help="no held-out check (report figure in-sample)")
     p.add_argument("--rows", type=int, nargs="+", default=[0],
                    help="activation rows the statistics keep per layer (0 = exact second moments, the default; "
-                        "below MiniLM's widths 384/1536 the statistics are Frequent-Directions sketches)")
+                        "below MiniLM's widths 384/1536 the statistics are sketches of their top directions)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from quant_core import rounding

@@ -285,7 +285,7 @@ export const TERMS = Object.freeze({
     "one group of statistics. Capture from sampling leaves out layers with nothing to round (weights exact in fp16, " +
     "no patch).",
   captureRows: "Per group, the statistics keep at most calib_samples directions of the input's second moment (a " +
-    "Frequent-Directions sketch of every row seen); where that reaches the input width they are exact (the whole " +
+    "bfloat16 sketch of the top directions of every row seen); where that reaches the input width they are exact (the whole " +
     "Gram matrix; rows shown = the width). budget_gb may lower the rows (then a note says so).",
   captureTokens: "Input rows (tokens) recorded by the most-fed layer group: fit = the half the calibrated rounding " +
     "is fitted on (alternate prompts or model calls), check = the other half, on which each layer's gain is " +
