@@ -17,7 +17,7 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { chromium } from "playwright-core";
+import { launchChromium, queue } from "./common.mjs";
 
 const { values: opt } = parseArgs({
   options: { url: { type: "string" }, out: { type: "string" }, clip: { type: "string" },
@@ -26,11 +26,7 @@ const { values: opt } = parseArgs({
 for (const k of ["url", "out"]) if (!opt[k]) throw new Error(`--${k} is required`);
 mkdirSync(opt.out, { recursive: true });
 
-const browser = await chromium.launch({
-  executablePath: process.env.FP16LR_CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
-});
+const browser = await launchChromium();
 const page = await (await browser.newContext({ viewport: { width: 1600, height: 1000 } })).newPage();
 const errors = [];
 page.on("pageerror", (e) => errors.push(e.message));
@@ -134,19 +130,6 @@ const captureGraph = (values) => page.evaluate(async ([clip, clipType, values]) 
   return String((app.rootGraph ?? app.graph).nodes.find((n) => n.type === "ScaledFP16CapturePrompts").id);
 }, [opt.clip, opt["clip-type"], values]);
 
-const queue = () => page.evaluate(async () => {
-  const { app } = window.comfyAPI.app;
-  const { api } = window.comfyAPI.api;
-  const started = new Promise((resolve) => {
-    const onStart = ({ detail }) => {
-      api.removeEventListener("execution_start", onStart);
-      resolve(detail.prompt_id);
-    };
-    api.addEventListener("execution_start", onStart);
-  });
-  await app.queuePrompt(0, 1);
-  return started;
-});
 
 if (opt.clip) {
   const words = ["a red fox", "an old lighthouse", "a steam train", "a bowl of ramen", "a snowy forest", "a quiet library"];
@@ -156,7 +139,7 @@ if (opt.clip) {
   // calib_samples 512 within 0.05 GB: the budget keeps fewer rows, and the summary's note says so
   const id = await captureGraph({ prompts: lines(n), held_out_prompts: lines(2, n), calib_samples: 512, budget_gb: 0.05,
     output_name: "fp16lr-web-capture", overwrite: true });
-  const promptId = await queue();
+  const promptId = await queue(page);
   let shot = false;
   const run = await record(id, (p) => p.phase === "done" || p.phase === "error", {
     onTick: async (p) => {
@@ -173,7 +156,7 @@ if (opt.clip) {
   // Cancel: a long list, interrupted once the panel shows a prompt recorded (what the queue's cancel button does)
   const cid = await captureGraph({ prompts: lines(400), calib_samples: 64, output_name: "fp16lr-web-capture-cancelled",
     overwrite: true });
-  const cancelPromptId = await queue();
+  const cancelPromptId = await queue(page);
   let interrupted = false;
   const cancel = await record(cid, (p) => p.phase === "error" || p.phase === "done", {
     onTick: async (p) => {

@@ -11,6 +11,7 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { chromium } from "playwright-core";
+import { queue } from "./common.mjs";
 
 const { values: opt } = parseArgs({
   options: {
@@ -78,23 +79,6 @@ async function loadGraph(page, nodes) {
     app.graph.setDirtyCanvas(true, true);
     return app.graph.nodes.filter((n) => n.type === "ScaledFP16Convert").map((n) => String(n.id));
   }, nodes);
-}
-
-/** Queue the current graph the way the Run button does; returns the prompt id. */
-async function queue(page) {
-  return page.evaluate(async () => {
-    const { app } = window.comfyAPI.app;
-    const { api } = window.comfyAPI.api;
-    const started = new Promise((resolve) => {
-      const onStart = ({ detail }) => {
-        api.removeEventListener("execution_start", onStart);
-        resolve(detail.prompt_id);
-      };
-      api.addEventListener("execution_start", onStart);
-    });
-    await app.queuePrompt(0, 1);
-    return started;
-  });
 }
 
 async function panels(page) {

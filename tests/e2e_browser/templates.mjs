@@ -13,7 +13,7 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./common.mjs";
 
 const { values: opt } = parseArgs({
   options: {
@@ -27,11 +27,7 @@ const { values: opt } = parseArgs({
 for (const k of ["url", "out"]) if (!opt[k]) throw new Error(`--${k} is required`);
 mkdirSync(opt.out, { recursive: true });
 
-const browser = await chromium.launch({
-  executablePath: process.env.FP16LR_CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
-});
+const browser = await launchChromium();
 const result = { pack: opt.pack, vue: opt.vue, console: [], cards: [], workflows: {}, thumbnailRequests: [] };
 const context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
 const page = await context.newPage();
