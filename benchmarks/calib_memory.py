@@ -48,7 +48,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from quant_core.calibration import DEFAULT_BUDGET_BYTES, CalibrationWriter  # noqa: E402
-from quant_core.sketch import STORE_DTYPE  # noqa: E402
+from quant_core.sketch import STORE_DTYPE, WEIGHT_DTYPE  # noqa: E402
 
 
 def flux_groups() -> list[tuple[str, int, str]]:
@@ -92,18 +92,41 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def plan(budget: int) -> None:
-    print(f"budget {budget / 1e9:.2f} GB (statistics held + one cut's transient; fit half and rest per group)")
+SAMPLING_STEPS = 20  # the FLUX sampling run the plans assume: the capture node caps a modulation input at 4 calls
+# per step x its rows per call
+
+
+def flux_caps(model: str, steps: int = SAMPLING_STEPS) -> dict[str, int]:
+    """{group: most rows} the sampling capture node gives the writer for FLUX-dev (none for T5XXL's prompts)."""
+    if model != "flux":
+        return {}
+    return {g: 4 * steps * rows_per_step(k, model, 0) for g, _, k in MODELS[model]() if k == "vec"}
+
+
+def plan(budget: int, steps: int = SAMPLING_STEPS) -> None:
+    print(f"budget {budget / 1e9:.2f} GB (statistics held + one cut's transient; per group one basis shared by the "
+          f"fit half and the rest, and the fit half's weight)")
+    per_value = torch.empty(0, dtype=STORE_DTYPE).element_size()  # the basis rows (exact matrices: float32)
+    per_weight = torch.empty(0, dtype=WEIGHT_DTYPE).element_size()  # the fit half's [rows, rows] weight
     for name, fn in MODELS.items():
-        widths = [d for _, d, _ in fn()]
-        w = CalibrationWriter(budget_bytes=budget)
-        rows = w.rows_for(widths * 2)
+        groups = fn()
+        widths = [d for _, d, _ in groups]
+        # a sampling run (the capture node): the modulation inputs ("vec") see one row per model call, and the node
+        # tells the writer there are at most 4 calls per step; prompts see tokens everywhere (no caps)
+        capped = name == "flux"
+        cap_of = flux_caps(name, steps)
+        caps = [cap_of.get(g, 1 << 40) for g, _, _ in groups]
+        entries = [(d, 2, c) for d, c in zip(widths, caps)]
+        rows = CalibrationWriter(budget_bytes=budget).rows_for(entries)
+        uncapped = CalibrationWriter(budget_bytes=budget).rows_for([(d, 2) for d in widths])
         exact = sum(8 * d * d for d in widths)  # fit + rest, float32
-        per_value = torch.empty(0, dtype=STORE_DTYPE).element_size()  # the sketch's rows (exact matrices: float32)
-        file_bytes = sum(2 * (per_value * rows * d if rows < d else 4 * d * d) + 16 * d for d in widths)
+        file_bytes = sum((per_value * r * d + per_weight * r * r if r < d else 8 * d * d) + 16 * d
+                         for d, r in ((d, min(rows, c)) for d, c in zip(widths, caps)))
+        how = (f"sampling run of {steps} steps: {sum(c < rows for c in caps)} modulation inputs capped at "
+               f"{4 * steps} rows; {uncapped} rows per layer without that knowledge" if capped else "prompts")
         print(f"  {name}: {len(widths)} groups, sum of widths {sum(widths)}, widest {max(widths)}: {rows} rows per "
-              f"layer (rows/width of the widest {rows / max(widths):.4f}); statistics held "
-              f"{CalibrationWriter.bytes_needed(widths * 2, rows) / 1e9:.2f} GB, file <= {file_bytes / 1e9:.2f} GB; "
+              f"layer (rows/width of the widest {rows / max(widths):.4f}; {how}); statistics held "
+              f"{CalibrationWriter.bytes_needed(entries, rows) / 1e9:.2f} GB, file <= {file_bytes / 1e9:.2f} GB; "
               f"exact second moments would hold {exact / 1e9:.1f} GB (fit + rest, float32; the float64 "
               f"accumulators twice that)")
 
@@ -122,7 +145,7 @@ def run_capture(model: str, steps: int, budget: int, device: str, t5_tokens: int
                 limit: int | None = None) -> dict:
     groups = MODELS[model]()[:limit]
     w = CalibrationWriter(budget_bytes=budget)
-    w.plan({g: d for g, d, _ in groups}, parts=2)
+    w.plan({g: d for g, d, _ in groups}, parts=2, caps=flux_caps(model))
     for g, _, _ in groups:
         w.add_layer(f"{g}.weight", g, True)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -241,7 +264,7 @@ def run_model(model: str, blocks: int, steps: int, budget: int, device: str, t5_
     gen = torch.Generator().manual_seed(2)
     save_file({k: torch.randn(*shape, generator=gen) * 0.02 for k, shape in shapes.items()}, src)
     w = CalibrationWriter(budget_bytes=budget)
-    w.plan({g: d for g, d, _ in MODELS[model]()}, parts=2)  # the full model's rows
+    w.plan({g: d for g, d, _ in MODELS[model]()}, parts=2, caps=flux_caps(model))  # the full model's rows
     for k, g in layer_groups.items():
         w.add_layer(k, g, False)
     dgen = torch.Generator(device=device).manual_seed(0)
@@ -344,7 +367,8 @@ def main(argv=None) -> int:
                 for line in r["notes"]:
                     print(f"    note: {line}")
     if "gptq" in args.parts:
-        flux_widths = [d for _, d, _ in flux_groups()] * 2
+        caps = flux_caps("flux")
+        flux_widths = [(d, 2, caps.get(g, 1 << 40)) for g, d, _ in flux_groups()]
         rows = args.gptq_rows or CalibrationWriter(budget_bytes=args.budget).rows_for(flux_widths)
         print(f"gptq (calibrated rounding of one layer, {args.tokens} rows of statistics, fresh-row figure on 8192 "
               f"new rows): sketch of {rows} rows vs exact")

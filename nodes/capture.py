@@ -433,7 +433,10 @@ class ScaledFP16CaptureSampling:
                                     "is exact in fp16 and none is patched): a conversion would not use calibration")
         writer = new_writer(calib_samples, budget_gb)
         with capture_errors(None):
-            recorder = _Recorder(_container(picked), writer)
+            # at most 4 model calls per step (conditional and unconditional apart, two evaluations per step for
+            # second-order samplers): an input that sees one row per call (the modulation's) gets no more
+            # directions than that, and the budget goes to the token inputs
+            recorder = _Recorder(_container(picked), writer, calls=4 * steps)
         progress = CaptureProgress(unique_id, "step", steps, len(picked), "model")
         calls = [0]
 

@@ -1,17 +1,20 @@
 """Calibration statistics: the real inputs each Linear layer sees, summarised, and the bias correction they allow.
 
-File format (safetensors, written by `python -m quant_core capture` or `CalibrationWriter`), version 3:
+File format (safetensors, written by `python -m quant_core capture` or `CalibrationWriter`), version 4:
 
 - per *input group* g (layers that read the same tensor, e.g. q/k/v projections, share one group) and per *part*
   p: ``fit`` (the even-numbered calibration sequences), ``rest`` (the others) and optionally ``eval`` (a disjoint
   held-out text set, used only for reporting):
   ``g.p_mean`` float32 [in] = E[x], ``g.p_diag`` float32 [in] = E[x*x] (exact), and either
-  ``g.p_gram`` float32 [in, in] = E[x x^T] (exact: when the rows kept per layer reach the input width) or
-  ``g.p_sketch`` bfloat16 [r <= rows, in] (float32 in files written before bfloat16 sketches; both are read), a
-  sketch S (the top directions of the rows, sketch.py) with S^T S ~ E[x x^T] (||E[x x^T] - S^T S||_2 is at most the recorded
-  bound, which includes the rounding of S to bfloat16); the second moment used is S^T S with its diagonal replaced
-  by the exact one;
-- metadata ``fp16lr_calibration`` (JSON): ``{"version": 3, "layers": {weight_key: {"group": g, "has_bias": bool}},
+  ``g.p_gram`` float32 [in, in] = E[x x^T] (exact: when the rows kept per layer reach the input width) or a sketch
+  (the top directions of the rows, sketch.py; bfloat16):
+  - fit and rest share one basis: ``g.basis`` bfloat16 [r <= rows, in], B with B^T B ~ E[x x^T] over both halves,
+    and (when both halves hold rows) ``g.fit_weight`` float16 [r, r], K with E_fit[x x^T] ~ (n / n_fit) B^T K B and
+    E_rest[x x^T] ~ (n / n_rest) B^T (I - K) B (n = n_fit + n_rest);
+  - the held-out part has its own: ``g.eval_sketch`` bfloat16 [r <= rows, in], S with S^T S ~ E_eval[x x^T];
+  ||E[x x^T] - estimate||_2 is at most the recorded bound (which includes the rounding to bfloat16); the second
+  moment used is the estimate with its diagonal replaced by the exact one;
+- metadata ``fp16lr_calibration`` (JSON): ``{"version": 4, "layers": {weight_key: {"group": g, "has_bias": bool}},
   "groups": {g: {"in_features": int, "count": fit + rest tokens, "fit_count", "rest_count", "eval_count",
   "rows": {p: rows held}, "exact": {p: bool}, "error_bound": {p: bound on ||E[x x^T] - estimate||_2}}},
   "statistics": {"rows_requested", "rows", "budget_bytes", "notes"}, "source": {...}}``.
@@ -20,7 +23,8 @@ The file holds at most `rows` x in values per group and part, so its size (like 
 the budget the writer was given, never by the amount of text or by in^2. The [in, in] matrices are built on first
 use, one group at a time (on the device given to `load_calibration`).
 
-Version 2 files (``g.mean``/``g.gram`` over all tokens, ``g.fit_mean``/``g.fit_gram`` over the fit half, optional
+Version 3 files (like version 4, but each of fit and rest with its own ``g.p_sketch`` [r, in], bfloat16 or float32)
+are read as before. Version 2 files (``g.mean``/``g.gram`` over all tokens, ``g.fit_mean``/``g.fit_gram`` over the fit half, optional
 ``g.eval_*``; the other half derived from the totals) and version 1 files (no fit half: rounded without the held-out
 check, the report says its figure is in-sample) are read as before. Other versions are refused.
 
@@ -38,11 +42,11 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConversionError
-from .sketch import STORE_DTYPE, MomentSketch, rounding_bound
+from .sketch import STORE_DTYPE, WEIGHT_DTYPE, MomentSketch, rounding_bound
 
 FORMAT_KEY = "fp16lr_calibration"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 _STATS = ("mean", "gram", "fit_mean", "fit_gram", "eval_mean", "eval_gram")
 _PARTS = ("fit", "rest", "eval")
 _PART_COUNT = {"fit": "fit_count", "rest": "rest_count", "eval": "eval_count"}
@@ -114,7 +118,7 @@ class LayerCalibration:
     @property
     def sketched(self) -> bool:
         """The statistics are compact (version 3 sketches): the [in, in] matrices are estimates."""
-        return any(p.sketch is not None for p in self._parts.values())
+        return any(p.sketch is not None or p.basis is not None for p in self._parts.values())
 
     def _built(self, which: str) -> torch.Tensor | None:
         device = self._device
@@ -172,7 +176,9 @@ class _Part:
     mean: torch.Tensor  # E[x]
     diag: torch.Tensor  # E[x*x] (exact)
     gram: torch.Tensor | None  # E[x x^T] (exact parts)
-    sketch: torch.Tensor | None  # s [r, in] with s^T s ~ E[x x^T] (sketched parts)
+    sketch: torch.Tensor | None  # s [r, in] with s^T s ~ E[x x^T] (sketched parts with a sketch of their own)
+    basis: torch.Tensor | None = None  # b [r, in] shared by parts (version 4 fit/rest) ...
+    weight: torch.Tensor | None = None  # ... and w [r, r] with b^T w b ~ E[x x^T]
 
 
 def _build_second_moment(parts: list[_Part], device=None) -> torch.Tensor:
@@ -184,14 +190,30 @@ def _build_second_moment(parts: list[_Part], device=None) -> torch.Tensor:
     if sketches:
         s = torch.cat(sketches) if len(sketches) > 1 else sketches[0]
         g = s.T @ s
+    shared = [p for p in parts if p.basis is not None]
+    if shared:  # version 4: one basis, the parts' weights summed (fit and rest together: the identity)
+        b = shared[0].basis.to(device)
+        w = sum(p.weight.to(device=device, dtype=torch.float64) * (p.count / n) for p in shared).float()
+        t = b.T @ (w @ b)
+        g = t if g is None else g.add_(t)
     for p in parts:
         if p.gram is not None:
             t = p.gram.to(device=device, dtype=torch.float32) * (p.count / n)
             g = t if g is None else g.add_(t)
-    if sketches:
+    if sketches or shared:
         diag = sum(p.diag.to(device=device, dtype=torch.float64) * (p.count / n) for p in parts)
         g.diagonal().copy_(diag)
     return g
+
+
+def _part_weights(k: torch.Tensor | None, r: int, info: dict) -> dict[str, torch.Tensor]:
+    """Version 4: {part: w [r, r]} with E_part[x x^T] ~ basis^T w basis, from the fit weight K (None: one half only,
+    whose weight is the identity)."""
+    n = info["fit_count"] + info["rest_count"]
+    eye = torch.eye(r, dtype=torch.float64)
+    if k is None:
+        return {"fit": eye, "rest": eye}
+    return {"fit": k * (n / info["fit_count"]), "rest": (eye - k) * (n / info["rest_count"])}
 
 
 def _scaled(sk: MomentSketch) -> torch.Tensor:
@@ -288,12 +310,17 @@ class CalibrationSet:
             for stat in ("mean", "diag"):
                 self._check_tensor(path, f"{g}.{part}_{stat}", names, lambda s: s == [n], [n])
             gram, sketch = f"{g}.{part}_gram", f"{g}.{part}_sketch"
+            if self.version >= 4 and part != "eval":
+                sketch = f"{g}.basis"
             rows = ginfo.get("rows")
             if gram in names or (sketch not in names and isinstance(rows, dict) and rows.get(part) == n):
                 self._check_tensor(path, gram, names, lambda s: s == [n, n], [n, n])
-            else:
-                self._check_tensor(path, sketch, names, lambda s: len(s) == 2 and 0 < s[0] <= n and s[1] == n,
-                                   ["rows", n])
+                continue
+            self._check_tensor(path, sketch, names, lambda s: len(s) == 2 and 0 < s[0] <= n and s[1] == n,
+                               ["rows", n])
+            if sketch.endswith(".basis") and part == "fit" and ginfo.get("rest_count", 0):
+                r = self._file.get_slice(sketch).get_shape()[0]
+                self._check_tensor(path, f"{g}.fit_weight", names, lambda s: s == [r, r], [r, r])
 
     def _check_tensor(self, path: str, name: str, names: set[str], shape_ok, expected: list) -> None:
         if name not in names:
@@ -318,16 +345,26 @@ class CalibrationSet:
             self._cache = None
             self._built.clear()
             parts = {}
+            basis = weights = None
             for part in _PARTS:
                 count = info.get(_PART_COUNT[part], 0)
                 if not count:
                     continue
                 gram_name = f"{g}.{part}_gram"
                 full = gram_name in self._names
-                parts[part] = _Part(count=count, mean=self._read(f"{g}.{part}_mean"),
-                                    diag=self._read(f"{g}.{part}_diag"),
-                                    gram=self._read(gram_name) if full else None,
-                                    sketch=None if full else self._read(f"{g}.{part}_sketch"))
+                stats = dict(count=count, mean=self._read(f"{g}.{part}_mean"), diag=self._read(f"{g}.{part}_diag"),
+                             gram=self._read(gram_name) if full else None, sketch=None)
+                if not full and (self.version < 4 or part == "eval"):
+                    stats["sketch"] = self._read(f"{g}.{part}_sketch")
+                elif not full:  # version 4 fit / rest: the shared basis and this part's weight
+                    if basis is None:
+                        basis = self._read(f"{g}.basis")
+                        weights = _part_weights(self._read(f"{g}.fit_weight").double()
+                                                if f"{g}.fit_weight" in self._names and info.get("fit_count", 0)
+                                                and info.get("rest_count", 0) else None,
+                                                basis.shape[0], info)
+                    stats.update(basis=basis, weight=weights[part])
+                parts[part] = _Part(**stats)
             self._cache = (g, parts)
         parts = self._cache[1]
         n = int(info["count"])
@@ -442,19 +479,30 @@ def output_errors(w: torch.Tensor, q_deq: torch.Tensor, mean: torch.Tensor, gram
     return float(err.clamp_min(0.0)) ** 0.5, float(ref) ** 0.5
 
 
+def _entry(w) -> tuple[int, int, int]:
+    """(width, parts, cap) of a `bytes_needed` entry: a width, (width, parts) or (width, parts, cap)."""
+    w = w if isinstance(w, tuple) else (w,)
+    return (int(w[0]), int(w[1]) if len(w) > 1 else 1, int(w[2]) if len(w) > 2 else 1 << 40)
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAME = {v: k for k, v in _DTYPES.items()}
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
 class CalibrationWriter:
-    """Accumulates per-group input statistics within a memory budget and writes a calibration file (version 3).
+    """Accumulates per-group input statistics within a memory budget and writes a calibration file (version 4).
 
     ``add(group, x)`` with x [tokens, in] (any float dtype, on any device: the statistics live and are cut on x's
     device) adds calibration rows; ``fit=True`` marks rows of the fit half (even-numbered sequences; they count
     towards the totals too); ``held_out=True`` adds rows of the held-out text set instead.
 
-    Per group and part (fit half, rest, held-out) the writer keeps a `sketch.MomentSketch`: exact mean and diagonal,
-    and `rows` directions of the second moment (sketch.py; the exact matrix when rows >= the input width).
+    Per group the writer keeps a `sketch.MomentSketch` of the fit half and the rest (exact mean and diagonal of each,
+    `rows` directions of the second moment shared by both, each half's weight within them; the exact matrices when
+    rows >= the input width) and one of the held-out text if there is any.
     `rows` (default 3072, the meaning of `calib_samples` with a calibration source) is lowered so that everything
     held, plus the transient of one cut, stays within `budget_bytes` (None: no limit): `plan()` sets it for known
     widths before any row arrives (`capture._Recorder` does); a group that appears unplanned and would overflow the
@@ -474,33 +522,38 @@ class CalibrationWriter:
         self.layers: dict[str, dict] = {}
         self.notes: list[str] = []
         self._on_note = on_note
-        self._sketches: dict[tuple[str, str], MomentSketch] = {}
+        self._sketches: dict[tuple[str, str], MomentSketch] = {}  # (group, "cal" | "eval")
         self._planned: dict[str, int] | None = None
         self._planned_parts = 2
+        self._caps: dict[str, int] = {}  # group -> most rows it can receive (known to the caller): its sketch keeps
+        # no more directions than that, and the budget reserves no more for it
 
     # -- budget ------------------------------------------------------------------------------------------------
     @staticmethod
     def bytes_needed(widths, rows: int) -> int:
-        """Memory the statistics of parts of these input widths hold at `rows` rows, plus one cut's transient."""
-        widths = list(widths)
-        if not widths:
+        """Memory statistics of these input widths hold at `rows` rows, plus one cut's transient. Each entry is a
+        width (a statistic of one part), (width, parts) (one sketch of that many parts sharing a basis) or (width,
+        parts, cap) (one that never holds more than `cap` rows)."""
+        entries = [_entry(w) for w in widths]
+        if not entries:
             return 0
-        return (sum(MomentSketch.held_bytes(d, rows) for d in widths)
-                + max(MomentSketch.transient_bytes(d, rows) for d in widths))
+        return (sum(MomentSketch.held_bytes(d, min(rows, c), k) for d, k, c in entries)
+                + max(MomentSketch.transient_bytes(d, min(rows, c), k) for d, k, c in entries))
 
     def rows_for(self, widths, limit: int | None = None) -> int:
         """The most rows (<= `limit`, default the requested rows) whose statistics for parts of these widths fit the
         budget; raises CalibrationError when not even MIN_ROWS fit."""
-        widths = list(widths)
+        widths = [_entry(w) for w in widths]
         hi = self.rows if limit is None else limit
         if self.budget_bytes is None or self.bytes_needed(widths, hi) <= self.budget_bytes:
             return hi
         if self.bytes_needed(widths, MIN_ROWS) > self.budget_bytes:
             raise CalibrationError(
                 f"calibration statistics: a budget of {_gb(self.budget_bytes)} cannot hold {MIN_ROWS} rows per layer "
-                f"for {len(widths)} statistics of input widths up to {max(widths)} (sum {sum(widths)}); at least "
+                f"for {len(widths)} statistics of input widths up to {max(w[0] for w in widths)} (sum "
+                f"{sum(w[0] for w in widths)}); at least "
                 f"{_gb(self.bytes_needed(widths, MIN_ROWS))} is needed: raise the budget")
-        lo, hi = MIN_ROWS, min(hi, max(widths))
+        lo, hi = MIN_ROWS, min(hi, max(w[0] for w in widths))
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self.bytes_needed(widths, mid) <= self.budget_bytes:
@@ -519,35 +572,46 @@ class CalibrationWriter:
             return
         old = self.rows
         self.rows = rows
-        for sk in self._sketches.values():
-            sk.resize(rows)
+        for (g, _), sk in self._sketches.items():
+            sk.resize(self._rows_of(g))
         if self.requested_rows is not None and rows < self.requested_rows:
             self._note(f"calibration statistics keep {rows} rows per layer (asked {self.requested_rows}"
                        f"{'' if old == self.requested_rows else f', was {old}'}): {why} within the "
                        f"{_gb(self.budget_bytes)} budget")
 
-    def plan(self, widths: dict[str, int], parts: int = 2) -> int:
+    def plan(self, widths: dict[str, int], parts: int = 2, caps: dict[str, int] | None = None) -> int:
         """Fix the rows per layer for groups of these input widths ({group: in_features}, each with `parts` parts:
         2 = fit half and rest, 3 = with held-out text) before their rows arrive; may be called again with better
-        knowledge (rows then grow back towards the requested number or shrink). Returns the rows."""
+        knowledge (rows then grow back towards the requested number or shrink). `caps` ({group: rows}): the most
+        rows a group will receive, where the caller knows it (e.g. a modulation input that sees one row per model
+        call): such a group keeps at most that many and the budget reserves no more for it, so the others get more.
+        Returns the rows."""
         self._planned, self._planned_parts = dict(widths), parts
+        self._caps = {g: int(c) for g, c in (caps or {}).items() if int(c) >= 1}
         rows = self.rows_for(self._widths_planned(), self.requested_rows or (1 << 40))
         self._set_rows(rows, f"{len(widths)} groups of input widths up to {max(widths.values(), default=0)}")
         return self.rows
 
-    def _widths_planned(self, extra: int | None = None) -> list[int]:
-        widths = [sk.dim for sk in self._sketches.values()]
+    def _rows_of(self, group: str) -> int:
+        return min(self.rows, self._caps.get(group, self.rows))
+
+    def _widths_planned(self, extra: tuple[int, int] | None = None) -> list[tuple[int, int, int]]:
+        """(width, parts, cap) of every statistic held or planned (plus `extra`)."""
+        big = 1 << 40
+        widths = [(sk.dim, len(sk.parts), self._caps.get(g, big)) for (g, _), sk in self._sketches.items()]
         if self._planned:
             for g, d in self._planned.items():
-                held = sum(1 for gg, _ in self._sketches if gg == g)
-                widths += [d] * max(0, self._planned_parts - held)
+                if (g, "cal") not in self._sketches:
+                    widths.append((d, 2, self._caps.get(g, big)))
+                if self._planned_parts > 2 and (g, "eval") not in self._sketches:
+                    widths.append((d, 1, self._caps.get(g, big)))
         if extra is not None:
-            widths.append(extra)
+            widths.append(_entry(extra))
         return widths
 
     def bytes_held(self) -> int:
         """Memory the statistics hold now (their planned size, without a cut's transient)."""
-        return sum(MomentSketch.held_bytes(sk.dim, sk.rows) for sk in self._sketches.values())
+        return sum(MomentSketch.held_bytes(sk.dim, sk.rows, len(sk.parts)) for sk in self._sketches.values())
 
     # -- recording ---------------------------------------------------------------------------------------------
     def add_layer(self, weight_key: str, group: str, has_bias: bool) -> None:
@@ -556,26 +620,29 @@ class CalibrationWriter:
     def add(self, group: str, x: torch.Tensor, held_out: bool = False, fit: bool = False) -> None:
         x = x.reshape(-1, x.shape[-1])
         part = "eval" if held_out else "fit" if fit else "rest"
-        sk = self._sketches.get((group, part))
+        key = (group, "eval" if held_out else "cal")
+        parts = ("eval",) if held_out else ("fit", "rest")
+        sk = self._sketches.get(key)
         if sk is None:
             dim = x.shape[1]
             if any(s.dim != dim for (g, _), s in self._sketches.items() if g == group):
                 raise ValueError(f"group '{group}': rows of width {dim} after rows of another width")
-            planned = self._planned is not None and self._planned.get(group) == dim and sum(
-                1 for g, _ in self._sketches if g == group) < self._planned_parts
+            planned = self._planned is not None and self._planned.get(group) == dim and (
+                not held_out or self._planned_parts > 2)
             if not planned:  # unplanned: lower the rows (by at least a fifth, so that this happens rarely) to fit
-                widths = self._widths_planned(dim)
+                widths = self._widths_planned((dim, len(parts)))
                 if self.budget_bytes is not None and self.bytes_needed(widths, self.rows) > self.budget_bytes:
                     rows = min(self.rows_for(widths), max(MIN_ROWS, self.rows * 4 // 5))
-                    self._set_rows(rows, f"{len(widths)} statistics of input widths up to {max(widths)}")
-            sk = MomentSketch(dim, self.rows, device=x.device)
-            self._sketches[(group, part)] = sk
-        sk.add(x)
+                    self._set_rows(rows, f"{len(widths)} statistics of input widths up to "
+                                         f"{max(w[0] for w in widths)}")
+            sk = MomentSketch(dim, self._rows_of(group), device=x.device, parts=parts)
+            self._sketches[key] = sk
+        sk.add(x, part)
 
     def counts(self, held_out: bool = False) -> dict[str, int]:
         out: dict[str, int] = {}
-        for (g, part), sk in self._sketches.items():
-            if (part == "eval") == held_out:
+        for (g, kind), sk in self._sketches.items():
+            if (kind == "eval") == held_out:
                 out[g] = out.get(g, 0) + sk.count
         return out
 
@@ -583,37 +650,54 @@ class CalibrationWriter:
         """{group: {part: bound}}: ||E[x x^T] - estimate||_2 <= bound (0 where exact), relative to the largest
         diagonal entry."""
         out: dict[str, dict[str, float]] = {}
-        for (g, part), sk in self._sketches.items():
-            if sk.count:
-                top = float(sk.sq.max()) if sk.dim else 0.0
-                out.setdefault(g, {})[part] = sk.bound / top if top > 0 else 0.0
+        for (g, _), sk in self._sketches.items():
+            for part in sk.parts:
+                if sk.counts[part]:
+                    top = float(sk.sqs[part].max()) if sk.dim else 0.0
+                    out.setdefault(g, {})[part] = sk.part_bound(part) / top if top > 0 else 0.0
         return out
 
     # -- file --------------------------------------------------------------------------------------------------
     def save(self, path: str, source: dict | None = None) -> None:
-        """Write the statistics (version 3): one tensor at a time, the file appears complete or not at all."""
+        """Write the statistics (version 4): one tensor at a time, the file appears complete or not at all."""
         from .safetensors_io import StreamingWriter
 
         groups: dict[str, dict] = {}
-        plan: list[tuple[str, str, tuple[int, ...], MomentSketch, str]] = []
-        for (g, part), sk in sorted(self._sketches.items()):
-            if sk.count == 0:
+        plan: list[tuple[str, str, tuple[int, ...], object]] = []  # (name, dtype, shape, () -> tensor)
+        for (g, kind), sk in sorted(self._sketches.items()):
+            live = [p for p in sk.parts if sk.counts[p]]
+            if not live:
                 continue
             info = groups.setdefault(g, {"in_features": sk.dim, "count": 0, "fit_count": 0, "rest_count": 0,
                                          "eval_count": 0, "rows": {}, "exact": {}, "error_bound": {}})
-            info[_PART_COUNT[part]] = sk.count
-            info["rows"][part] = sk.dim if sk.exact else int(sk.b.shape[0])
-            info["exact"][part] = bool(sk.exact and sk.bound == 0.0)
-            # ||E[x x^T] - estimate||_2 <= this (sketch.py), the sketch as stored: rounded once more after the
-            # division by the count (a rounding's change counts twice once the exact diagonal replaces S^T S's)
-            info["error_bound"][part] = sk.bound / sk.count + (0.0 if sk.exact else 2.0 * rounding_bound(
-                _scaled(sk), _scaled(sk).to(STORE_DTYPE), orthogonal=sk.orthogonal))
-            plan += [(f"{g}.{part}_mean", "F32", (sk.dim,), sk, "mean"),
-                     (f"{g}.{part}_diag", "F32", (sk.dim,), sk, "diag")]
+            n = sk.count
+            scaled = None if sk.exact else _scaled(sk)
+            stored_rounding = 0.0 if sk.exact else rounding_bound(scaled, scaled.to(STORE_DTYPE), sk.orthogonal)
+            for part in live:
+                c = sk.counts[part]
+                info[_PART_COUNT[part]] = c
+                info["rows"][part] = sk.dim if sk.exact else int(sk.b.shape[0])
+                bound = sk.part_bound(part) if len(live) > 1 else sk.bound
+                info["exact"][part] = bool(sk.exact and bound == 0.0)
+                # ||E[x x^T] - estimate||_2 <= this (sketch.py), the sketch as stored: rounded once more after the
+                # division by the count (a rounding's change counts twice once the exact diagonal replaces the
+                # estimate's; a part's weight has norm <= 1 and its estimate is scaled by n / c)
+                info["error_bound"][part] = bound / c + 2.0 * stored_rounding * (n / c)
+                plan += [(f"{g}.{part}_mean", "F32", (sk.dim,), lambda sk=sk, p=part: sk.sums[p] / sk.counts[p]),
+                         (f"{g}.{part}_diag", "F32", (sk.dim,), lambda sk=sk, p=part: sk.sqs[p] / sk.counts[p])]
+                if sk.exact:
+                    plan.append((f"{g}.{part}_gram", "F32", (sk.dim, sk.dim),
+                                 lambda sk=sk, p=part: sk.grams[p] / sk.counts[p]))
             if sk.exact:
-                plan.append((f"{g}.{part}_gram", "F32", (sk.dim, sk.dim), sk, "gram"))
-            else:
-                plan.append((f"{g}.{part}_sketch", "BF16", tuple(sk.b.shape), sk, "sketch"))
+                continue
+            if kind == "eval":
+                plan.append((f"{g}.eval_sketch", "BF16", tuple(sk.b.shape),
+                             lambda sk=sk: _scaled(sk).to(STORE_DTYPE)))
+                continue
+            plan.append((f"{g}.basis", "BF16", tuple(sk.b.shape), lambda sk=sk: _scaled(sk).to(STORE_DTYPE)))
+            if len(live) > 1:
+                plan.append((f"{g}.fit_weight", _DTYPE_NAME[WEIGHT_DTYPE], tuple(sk.k.shape[1:]),
+                             lambda sk=sk: sk.weight("fit")))
         for info in groups.values():
             info["count"] = info["fit_count"] + info["rest_count"]
         groups = {g: info for g, info in groups.items() if info["count"] > 0}
@@ -622,18 +706,9 @@ class CalibrationWriter:
         meta = {"version": FORMAT_VERSION, "layers": layers, "groups": groups, "source": source or {},
                 "statistics": {"rows_requested": self.requested_rows, "rows": min(self.rows, 1 << 31),
                                "budget_bytes": self.budget_bytes, "notes": self.notes}}
-        with StreamingWriter(path, [(k, d, s) for k, d, s, _, _ in plan], {FORMAT_KEY: json.dumps(meta)},
+        with StreamingWriter(path, [(k, d, s) for k, d, s, _ in plan], {FORMAT_KEY: json.dumps(meta)},
                              overwrite=True) as out:
-            for key, _, _, sk, what in plan:
-                n = sk.count
-                if what == "mean":
-                    t = sk.sum / n
-                elif what == "diag":
-                    t = sk.sq / n
-                elif what == "gram":
-                    t = sk.gram / n
-                else:
-                    out.write(key, _scaled(sk).to(STORE_DTYPE).cpu().contiguous())
-                    continue
-                out.write(key, t.float().cpu().contiguous())
+            for key, dtype, _, make in plan:
+                t = make()
+                out.write(key, t.to(_DTYPES[dtype]).cpu().contiguous())
             out.commit()

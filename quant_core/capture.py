@@ -48,9 +48,11 @@ def read_lines(path: str) -> list[str]:
 class _Recorder:
     """Forward pre-hooks on every Linear: group by input tensor, add the unmasked rows to the writer."""
 
-    def __init__(self, model: torch.nn.Module, writer: CalibrationWriter, parts: int = 2):
+    def __init__(self, model: torch.nn.Module, writer: CalibrationWriter, parts: int = 2, calls: int | None = None):
         self.writer = writer
         self.parts = parts  # statistics per group the writer's budget is planned for (2: fit half + rest, 3: + eval)
+        self.calls = calls  # most forwards the model will make, where the caller knows it (a sampling run): a group
+        # gets at most its rows of the first forward times this, and the budget reserves no more for it
         self.mask: torch.Tensor | None = None
         # [batch] bool: sequences of the fit half; or one bool for every row of the batch (a prompt, a model call)
         self.fit: torch.Tensor | bool | None = None
@@ -109,7 +111,12 @@ class _Recorder:
             self._replanned = True
             groups = {g: self._widths[g] for g in set(self._group_of.values()) if g in self._widths}
             if getattr(self.writer, "plan", None) is not None:
-                self.writer.plan(groups, self.parts)
+                if self.calls:
+                    first = self.writer.counts()
+                    caps = {g: max(1, first.get(g, 0)) * self.calls for g in groups}
+                    self.writer.plan(groups, self.parts, caps=caps)
+                else:
+                    self.writer.plan(groups, self.parts)
         self.mask = mask
         self.fit = fit
         self._seen.clear()

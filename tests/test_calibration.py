@@ -133,7 +133,7 @@ def test_report_of_a_calibrated_conversion(converted, calibration_files):
 
 def test_capture_file_format(calibration_files):
     cs = load_calibration(calibration_files["prose"])
-    assert cs.version == 3 and len(cs.keys()) == 37  # 36 encoder layers + pooler
+    assert cs.version == 4 and len(cs.keys()) == 37  # 36 encoder layers + pooler
     q = cs.layers["encoder.layer.0.attention.self.query.weight"]
     # q, k and v read the same tensor: one shared group
     assert cs.layers["encoder.layer.0.attention.self.key.weight"]["group"] == q["group"]
@@ -143,7 +143,7 @@ def test_capture_file_format(calibration_files):
     assert torch.allclose(cal.gram, cal.gram.T) and bool((torch.diagonal(cal.gram) >= cal.mean ** 2 * 0.999).all())
     # the fit half: the even-numbered sequences, about half the tokens; the other half follows from the totals
     assert cal.has_split and 0.3 < cal.fit_count / cal.count < 0.7
-    (fm, fg), (rm, rg) = cal.halves()  # version 3: each half from its own statistics, matrices float32
+    (fm, fg), (rm, rg) = cal.halves()  # each half from its own statistics, matrices float32
     fg, rg = fg.double(), rg.double()
     n, nf = cal.count, cal.fit_count
     assert torch.allclose((nf * fg + (n - nf) * rg) / n, cal.gram.double(), rtol=1e-5, atol=1e-6)

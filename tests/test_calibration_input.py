@@ -33,7 +33,8 @@ def write_pickle(path, marker):
 
 
 def good_calibration(path, width=64, rows=200, sketch_rows=3072):
-    """A version 3 file; exact statistics (the default rows exceed the width) unless `sketch_rows` < width."""
+    """A version 4 file; exact statistics (the default rows exceed the width) unless `sketch_rows` < width (then a
+    basis shared by the halves, `g0.basis`, and the fit half's weight, `g0.fit_weight`)."""
     w = CalibrationWriter(rows=sketch_rows)
     w.add_layer(LAYER, "g0", has_bias=False)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
@@ -118,8 +119,8 @@ def test_bad_metadata(t5_fp32, tmp_path, meta, needle):
     expect_refused(t5_fp32, tmp_path, calib, needle)
 
 
-@pytest.mark.parametrize("sketch_rows, name", [(3072, "g0.rest_gram"), (3072, "g0.fit_diag"), (16, "g0.fit_sketch"),
-                                               (16, "g0.rest_mean")])
+@pytest.mark.parametrize("sketch_rows, name", [(3072, "g0.rest_gram"), (3072, "g0.fit_diag"), (16, "g0.basis"),
+                                               (16, "g0.fit_weight"), (16, "g0.rest_mean")])
 def test_missing_tensor(t5_fp32, tmp_path, sketch_rows, name):
     calib = good_calibration(tmp_path / "c.safetensors", sketch_rows=sketch_rows)
     rewrite(calib, tensors=lambda t: {k: v for k, v in t.items() if k != name})
@@ -128,8 +129,9 @@ def test_missing_tensor(t5_fp32, tmp_path, sketch_rows, name):
 
 @pytest.mark.parametrize("sketch_rows, name, bad, needle", [
     (3072, "g0.fit_gram", torch.zeros(3, 3), "expected float [64, 64]"),
-    (16, "g0.fit_sketch", torch.zeros(65, 64), "expected float ['rows', 64]"),
-    (16, "g0.rest_sketch", torch.zeros(16, 63), "expected float ['rows', 64]"),
+    (16, "g0.basis", torch.zeros(65, 64), "expected float ['rows', 64]"),
+    (16, "g0.basis", torch.zeros(16, 63), "expected float ['rows', 64]"),
+    (16, "g0.fit_weight", torch.zeros(16, 15), "expected float [16, 16]"),
     (16, "g0.rest_diag", torch.zeros(64, 1), "expected float [64]"),
 ])
 def test_misshapen_tensor(t5_fp32, tmp_path, sketch_rows, name, bad, needle):
@@ -151,7 +153,7 @@ def test_counts_that_do_not_add_up(t5_fp32, tmp_path):
 
 
 @pytest.mark.parametrize("sketch_rows, name", [(3072, "g0.rest_gram"), (3072, "g0.fit_mean"), (3072, "g0.fit_gram"),
-                                               (16, "g0.fit_sketch"), (16, "g0.rest_diag")])
+                                               (16, "g0.basis"), (16, "g0.fit_weight"), (16, "g0.rest_diag")])
 def test_nan_statistics(t5_fp32, tmp_path, sketch_rows, name):
     calib = good_calibration(tmp_path / "c.safetensors", sketch_rows=sketch_rows)
 

@@ -238,11 +238,11 @@ def test_budget_widget_bounds_the_statistics_and_its_notes_reach_the_summary(com
     sampling = pack.NODE_CLASS_MAPPINGS["ScaledFP16CaptureSampling"].INPUT_TYPES()
     assert sampling["optional"]["budget_gb"] == info["optional"]["budget_gb"]
     assert sampling["required"]["calib_samples"][1]["default"] == DEFAULT_ROWS
-    # each encoder's statistics get the budget: one that holds clip_l's 6 layer inputs (2 parts each, width 8)
-    # exactly, and t5xxl's (width 12) with more than 9 rows but not with 12
+    # each encoder's statistics get the budget: one that holds t5xxl's 6 layer inputs (width 12; fit half and rest
+    # sharing a basis) at 10 rows but not at 12, and clip_l's (width 8) exactly
     need = CalibrationWriter.bytes_needed
-    gb = need([8] * 12, 8) / 1e9
-    assert need([12] * 12, 9) < gb * 1e9 < need([12] * 8, 12)
+    gb = need([(12, 2)] * 6, 10) / 1e9
+    assert need([(8, 2)] * 6, 8) <= gb * 1e9 < need([(12, 2)] * 6, 12)
     capture_prompts(pack, FakeCLIP(), PROMPTS, rows=12, budget_gb=gb)
     path = os.path.join(calib_dir(pack.base), "cal_t5xxl.safetensors")
     stats = statistics_of(path)

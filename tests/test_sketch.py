@@ -1,5 +1,5 @@
 """Calibration statistics in bounded memory, on real MiniLM activations: the sketch's error bound against the exact
-second moment, the writer's memory budget, the version 3 file (round trip, lazy per-group reading), version 2 files
+second moment, the writer's memory budget, the version 4 file (round trip, lazy per-group reading), version 2 files
 read as before, and a calibrated conversion from a sketched file end to end."""
 
 import json
@@ -104,7 +104,7 @@ def test_rows_at_the_width_are_exact(activations):
     assert torch.allclose(sk.second_moment(torch.float64), exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
 
 
-def write_v3(path, x, rows, budget=None, eval_rows=None):
+def write_v4(path, x, rows, budget=None, eval_rows=None):
     w = CalibrationWriter(rows=rows, budget_bytes=budget)
     w.add_layer("a.weight", "a", True)
     w.add_layer("b.weight", "a", False)
@@ -117,13 +117,13 @@ def write_v3(path, x, rows, budget=None, eval_rows=None):
     return w
 
 
-def test_v3_round_trip(activations, tmp_path):
+def test_v4_round_trip(activations, tmp_path):
     x = activations[INPUTS[1]]
     n, d = x.shape
     ev = x[:500] * 0.5
-    w = write_v3(tmp_path / "c.safetensors", x.float(), rows=64, eval_rows=ev.float())
+    w = write_v4(tmp_path / "c.safetensors", x.float(), rows=64, eval_rows=ev.float())
     cs = load_calibration(str(tmp_path / "c.safetensors"))
-    assert cs.version == 3 and cs.keys() == ["a.weight", "b.weight"]
+    assert cs.version == 4 and cs.keys() == ["a.weight", "b.weight"]
     info = cs.groups["a"]
     assert (info["count"], info["fit_count"], info["rest_count"], info["eval_count"]) == (n, n // 2, n - n // 2, 500)
     assert info["rows"] == {"fit": 64, "rest": 64, "eval": 64} and info["exact"]["fit"] is False
@@ -145,18 +145,53 @@ def test_v3_round_trip(activations, tmp_path):
     assert torch.allclose(torch.diagonal(fg).double(), (x[:nf] ** 2).mean(0), rtol=1e-4)
     assert torch.allclose(torch.diagonal(rg).double(), (x[nf:] ** 2).mean(0), rtol=1e-4)
     assert torch.allclose(torch.diagonal(cal.eval_gram).double(), (ev ** 2).mean(0), rtol=1e-4)
+    # each half's estimate (the shared basis, its own weight, its exact diagonal) within its own recorded bound
+    for est, rows, part in ((fg, x[:nf], "fit"), (rg, x[nf:], "rest")):
+        truth = rows.T @ rows / rows.shape[0]
+        err = float(torch.linalg.matrix_norm(truth - est.double(), 2))
+        assert err <= info["error_bound"][part] * (1 + 1e-3) + 1e-6 * float(truth.diagonal().max())
+        assert err < 0.5 * float(torch.linalg.matrix_norm(truth - torch.diag(truth.diagonal()), 2))
     assert cs.get("b.weight").gram is cal.gram  # one matrix built per group, shared by its layers
-    # compact: the file holds 3 x 64 rows in bfloat16, not 3 matrices of 1536^2
-    assert os.path.getsize(tmp_path / "c.safetensors") < 3 * 64 * d * 2 + 64 * d * 4
+    # compact: one basis of 64 rows for both halves and one for the held-out text, in bfloat16, and the fit half's
+    # 64 x 64 weight (float16); not 3 matrices of 1536^2
+    assert os.path.getsize(tmp_path / "c.safetensors") < 2 * 64 * d * 2 + 64 * 64 * 2 + 64 * d * 4
     with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
-        assert tuple(f.get_slice("a.fit_sketch").get_shape()) == (64, d)
-        assert f.get_slice("a.fit_sketch").get_dtype() == "BF16"
+        assert tuple(f.get_slice("a.basis").get_shape()) == (64, d) and f.get_slice("a.basis").get_dtype() == "BF16"
+        assert tuple(f.get_slice("a.fit_weight").get_shape()) == (64, 64) and f.get_slice("a.fit_weight").get_dtype() == "F16"
+        assert tuple(f.get_slice("a.eval_sketch").get_shape()) == (64, d)
+        assert not any(k.endswith(("fit_sketch", "rest_sketch")) for k in f.keys())
         assert json.loads(f.metadata()[FORMAT_KEY])["statistics"]["rows"] == 64
 
 
-def test_v3_exact_when_rows_reach_the_width(activations, tmp_path):
+def test_a_shared_basis_beats_two_half_sketches_of_the_same_bytes(activations):
+    """The whole-text estimate from one basis of `rows` rows shared by the halves is better than the sum of two
+    sketches of rows / 2 each (the previous layout, same bytes of rows), and each half stays within its bound."""
+    for name in INPUTS:
+        x = activations[name]
+        n, d = x.shape
+        exact = x.T @ x
+        shared = MomentSketch(d, 64, parts=("fit", "rest"))
+        halves = [MomentSketch(d, 32), MomentSketch(d, 32)]
+        for i in range(0, n, 300):  # alternate blocks, as sequences of the two halves arrive
+            part = (i // 300) % 2
+            shared.add(x[i:i + 300], ("fit", "rest")[part])
+            halves[part].add(x[i:i + 300])
+        err_shared = float(torch.linalg.matrix_norm(exact - shared.second_moment(torch.float64), 2))
+        two = halves[0].second_moment(torch.float64) + halves[1].second_moment(torch.float64)
+        err_two = float(torch.linalg.matrix_norm(exact - two, 2))
+        print(f"{name}: ||H - estimate|| shared 64 rows {err_shared:.4g}, two sketches of 32 {err_two:.4g}")
+        assert err_shared < 0.8 * err_two
+        for k, part in enumerate(("fit", "rest")):
+            xs = torch.cat([x[i:i + 300] for i in range(k * 300, n, 600)])
+            truth = xs.T @ xs
+            err = float(torch.linalg.matrix_norm(truth - shared.second_moment(torch.float64, part=part), 2))
+            assert err <= shared.part_bound(part) * (1 + 1e-4) + 1e-5 * float(truth.diagonal().max())
+            assert shared.counts[part] == xs.shape[0]
+
+
+def test_v4_exact_when_rows_reach_the_width(activations, tmp_path):
     x = activations[INPUTS[0]].float()
-    write_v3(tmp_path / "c.safetensors", x, rows=3072)
+    write_v4(tmp_path / "c.safetensors", x, rows=3072)
     cs = load_calibration(str(tmp_path / "c.safetensors"))
     cal = cs.get("a.weight")
     assert not cal.sketched and cs.groups["a"]["exact"] == {"fit": True, "rest": True}
@@ -172,8 +207,8 @@ def test_budget_lowers_the_rows_with_a_line_or_refuses(activations, tmp_path):
     w = CalibrationWriter(rows=3072, budget_bytes=30_000_000, on_note=lines.append)
     rows = w.plan({"a": d, "b": 384}, parts=2)
     assert 8 <= rows < d and w.rows == rows
-    assert CalibrationWriter.bytes_needed([d, d, 384, 384], rows) <= 30_000_000
-    assert CalibrationWriter.bytes_needed([d, d, 384, 384], rows + 1) > 30_000_000
+    assert CalibrationWriter.bytes_needed([(d, 2), (384, 2)], rows) <= 30_000_000
+    assert CalibrationWriter.bytes_needed([(d, 2), (384, 2)], rows + 1) > 30_000_000
     assert len(lines) == 1 and f"keep {rows} rows per layer (asked 3072)" in lines[0] and "0.03 GB budget" in lines[0]
     w.add("a", x[:2000], fit=True)
     w.add("a", x[2000:])
@@ -184,7 +219,7 @@ def test_budget_lowers_the_rows_with_a_line_or_refuses(activations, tmp_path):
     u = CalibrationWriter(rows=3072, budget_bytes=30_000_000, on_note=u_lines.append)
     for i, g in enumerate("abcd"):
         u.add(g, x[i * 500:(i + 1) * 500])
-        assert u.bytes_needed([s.dim for s in u._sketches.values()], u.rows) <= 30_000_000
+        assert u.bytes_needed([(s.dim, len(s.parts)) for s in u._sketches.values()], u.rows) <= 30_000_000
     assert u.rows < 3072 and u_lines and all(s.rows == u.rows for s in u._sketches.values())
     u.save(str(tmp_path / "u.safetensors"))
     assert os.path.getsize(tmp_path / "u.safetensors") <= 30_000_000
@@ -244,15 +279,15 @@ def test_v2_files_are_read_as_before(activations, tmp_path):
 
 def test_unsupported_version_is_refused_in_one_line(activations, tmp_path):
     path = tmp_path / "c.safetensors"
-    write_v3(path, activations[INPUTS[0]][:400].float(), rows=16)
+    write_v4(path, activations[INPUTS[0]][:400].float(), rows=16)
     with safe_open(str(path), "pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}
         m = json.loads(f.metadata()[FORMAT_KEY])
-    m["version"] = 4
+    m["version"] = 5
     save_file(t, str(path), metadata={FORMAT_KEY: json.dumps(m)})
     with pytest.raises(CalibrationError) as e:
         load_calibration(str(path))
-    assert "version 4 is not supported" in str(e.value) and "1, 2, 3" in str(e.value) and "\n" not in str(e.value)
+    assert "version 5 is not supported" in str(e.value) and "1, 2, 3, 4" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +308,7 @@ def test_calibrated_conversion_from_a_sketched_file(tmp_path, one_thread):
     src = capture_mod.capture(mini.dir, calib[:150], cal_path, max_length=128, batch_size=32, rows=24)
     assert src["rows"] == 24
     cs = load_calibration(cal_path)
-    assert cs.version == 3 and cs.get("encoder.layer.0.output.dense.weight").sketched
+    assert cs.version == 4 and cs.get("encoder.layer.0.output.dense.weight").sketched
     out = str(tmp_path / "out.safetensors")
     report = convert_file(mini.src, out, ConvertOptions(calibration=cal_path))
     learned = report["learned"]
@@ -284,3 +319,82 @@ def test_calibrated_conversion_from_a_sketched_file(tmp_path, one_thread):
     rtn = str(tmp_path / "rtn.safetensors")
     convert_file(mini.src, rtn, ConvertOptions(num_iter=0))
     assert mini.error(out, use) < 0.9 * mini.error(rtn, use)
+
+
+def test_v3_files_are_read_as_before(activations, tmp_path):
+    """A version 3 file (fit and rest each with a sketch of its own): each half is its own sketch's estimate, the
+    whole set their count-weighted sum, diagonals exact."""
+    x = activations[INPUTS[1]]
+    n, d = x.shape
+    nf = n // 2
+    t, groups = {}, {"in_features": d, "count": n, "fit_count": nf, "rest_count": n - nf, "eval_count": 0,
+                     "rows": {}, "exact": {"fit": False, "rest": False}, "error_bound": {"fit": 1.0, "rest": 1.0}}
+    ests = {}
+    for part, rows in (("fit", x[:nf]), ("rest", x[nf:])):
+        sk = MomentSketch(d, 32)
+        sk.add(rows)
+        c = rows.shape[0]
+        t[f"a.{part}_mean"], t[f"a.{part}_diag"] = (sk.sum / c).float(), (sk.sq / c).float()
+        t[f"a.{part}_sketch"] = (sk.b.double() / c ** 0.5).to(torch.bfloat16)
+        groups["rows"][part] = 32
+        s = t[f"a.{part}_sketch"].double()
+        est = s.T @ s
+        est.diagonal().copy_(t[f"a.{part}_diag"].double())
+        ests[part] = est
+    meta = {"version": 3, "layers": {"l.weight": {"group": "a", "has_bias": False}}, "groups": {"a": groups},
+            "source": {}}
+    path = str(tmp_path / "v3.safetensors")
+    save_file(t, path, metadata={FORMAT_KEY: json.dumps(meta)})
+    cs = load_calibration(path)
+    cal = cs.get("l.weight")
+    assert cs.version == 3 and cal.sketched and cal.has_split
+    (_, fg), (_, rg) = cal.halves()
+    assert torch.allclose(fg.double(), ests["fit"], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(rg.double(), ests["rest"], rtol=1e-4, atol=1e-6)
+    whole = (nf * ests["fit"] + (n - nf) * ests["rest"]) / n
+    assert torch.allclose(cal.gram.double(), whole, rtol=1e-4, atol=1e-6)
+
+
+def test_caps_give_the_budget_to_the_inputs_that_can_use_it(activations, tmp_path):
+    """A group the caller knows receives few rows (a modulation input: one row per model call) keeps at most that
+    many, and the budget it no longer reserves goes to the other groups' rows; everything stays within the budget."""
+    x = activations[INPUTS[1]].float()
+    d = x.shape[1]
+    widths = {"tok": d, "vec": d}
+    plain = CalibrationWriter(rows=3072, budget_bytes=20_000_000).plan(widths)
+    w = CalibrationWriter(rows=3072, budget_bytes=20_000_000)
+    capped = w.plan(widths, caps={"vec": 12})
+    assert plain < capped < d
+    w.add("tok", x[:2000], fit=True)
+    w.add("tok", x[2000:])
+    w.add("vec", x[:6], fit=True)
+    w.add("vec", x[6:12])
+    assert w.bytes_held() <= 20_000_000
+    assert w._sketches["vec", "cal"].rows == 12 and w._sketches["tok", "cal"].rows == capped
+    w.save(str(tmp_path / "c.safetensors"))
+    info = load_calibration(str(tmp_path / "c.safetensors")).groups
+    assert info["vec"]["rows"]["fit"] == 12 and info["tok"]["rows"]["fit"] == capped
+
+
+def test_recorder_caps_inputs_by_their_rows_per_call():
+    """`_Recorder(calls=n)`: after the first forward each group's cap is its rows in that forward times n."""
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mod = torch.nn.Linear(32, 32)  # one row per call, like FLUX's modulation
+            self.tok = torch.nn.Linear(32, 32)  # a row per token
+
+        def forward(self, vec, tokens):
+            return self.mod(vec), self.tok(tokens)
+
+    toy = Toy()
+    w = CalibrationWriter(rows=3072, budget_bytes=None)
+    rec = capture_mod._Recorder(toy, w, calls=5)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        rec.new_batch(None, i % 2 == 0)
+        toy(torch.randn(1, 32, generator=gen), torch.randn(40, 32, generator=gen))
+    rec.new_batch(None)
+    assert w._caps == {"mod": 5, "tok": 200}
+    assert w.counts() == {"mod": 3, "tok": 120}
