@@ -3,7 +3,7 @@
     python benchmarks/calib_shift.py                      # 3 seeds, the four cases below
     python benchmarks/calib_shift.py --seeds 0 --cases p2e e2p
     python benchmarks/calib_shift.py --shrink 0.3 --bias-correction --no-check   # other settings of the components
-    python benchmarks/calib_shift.py --seeds 0 --rows 0 183 43 --cases matched p2e e2p   # sketched statistics
+    python benchmarks/calib_shift.py --seeds 0 --rows 0 90 --cases matched p2e e2p   # sketched statistics
 
 Texts: "prose" = sentences of the licence texts in /usr/share/common-licenses (GPL, LGPL, MPL, Apache, ...);
 "everyday" = tests/data/everyday.txt (short everyday sentences written for this check). For each seed both are

@@ -7,7 +7,8 @@ back into the transformers model (dequantized, FP32 compute) and run on sentence
 licence-text sentences ("prose") and 68 everyday sentences. Printed per mode: the relative error of the final hidden
 state (all non-padding tokens) against the FP32 model, and its ratio to round-to-nearest's (`--num_iter 0`). The
 calibrated modes use `python -m quant_core capture`'s statistics of 300 other prose sentences: exact, and sketched
-at the share of the widest layer FLUX-dev gets under the default budget (43 rows of MiniLM's 1536-wide inputs).
+at the share of the widest layer FLUX-dev gets under the default budget (90 rows of MiniLM's 1536-wide inputs; FLUX-dev:
+909 of 15360, `python benchmarks/calib_memory.py --parts plan`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     calib, prose, everyday = sp["prose"][0], sp["prose"][1], sp["everyday"][1]
     with tempfile.TemporaryDirectory() as work:
         cal = {}
-        for tag, rows in (("exact", None), ("43 rows", 43)):
+        for tag, rows in (("exact", None), ("90 rows", 90)):
             cal[tag] = os.path.join(work, f"cal-{rows}.safetensors")
             capture_mod.capture(mini.dir, calib, cal[tag], max_length=128, batch_size=32, rows=rows,
                                 budget_bytes=None if rows is None else capture_mod.DEFAULT_BUDGET_BYTES)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
                  ("--top_k 3", {"top_k": 3}),
                  ("--scale pow2", {"scale": "pow2"}),
                  ("calibrated, exact statistics", {"calibration": cal["exact"]}),
-                 ("calibrated, sketched (43 rows)", {"calibration": cal["43 rows"]})]
+                 ("calibrated, sketched (90 rows)", {"calibration": cal["90 rows"]})]
         print(f"MiniLM, final hidden state vs FP32 (seed {args.seed}; calibration: {len(calib)} prose sentences; "
               f"use: {len(prose)} other prose / {len(everyday)} everyday sentences)")
         print(f"{'mode':<34} {'prose err':>10} {'ratio':>6} {'everyday err':>12} {'ratio':>6}")

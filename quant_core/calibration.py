@@ -13,7 +13,8 @@ File format (safetensors, written by `python -m quant_core capture` or `Calibrat
     E_rest[x x^T] ~ (n / n_rest) B^T (I - K) B (n = n_fit + n_rest);
   - the held-out part has its own: ``g.eval_sketch`` bfloat16 [r <= rows, in], S with S^T S ~ E_eval[x x^T];
   ||E[x x^T] - estimate||_2 is at most the recorded bound (which includes the rounding to bfloat16); the second
-  moment used is the estimate with its diagonal replaced by the exact one;
+  moment used is the estimate with its diagonal raised to the exact one where it falls short (it stays positive
+  semi-definite);
 - metadata ``fp16lr_calibration`` (JSON): ``{"version": 4, "layers": {weight_key: {"group": g, "has_bias": bool}},
   "groups": {g: {"in_features": int, "count": fit + rest tokens, "fit_count", "rest_count", "eval_count",
   "rows": {p: rows held}, "exact": {p: bool}, "error_bound": {p: bound on ||E[x x^T] - estimate||_2}}},
@@ -202,7 +203,7 @@ def _build_second_moment(parts: list[_Part], device=None) -> torch.Tensor:
             g = t if g is None else g.add_(t)
     if sketches or shared:
         diag = sum(p.diag.to(device=device, dtype=torch.float64) * (p.count / n) for p in parts)
-        g.diagonal().copy_(diag)
+        g.diagonal().copy_(torch.maximum(g.diagonal(), diag.to(g.dtype)))  # stays PSD
     return g
 
 
@@ -213,6 +214,10 @@ def _part_weights(k: torch.Tensor | None, r: int, info: dict) -> dict[str, torch
     eye = torch.eye(r, dtype=torch.float64)
     if k is None:
         return {"fit": eye, "rest": eye}
+    # 0 <= K <= I in exact arithmetic; the stored float16 K is brought back within it (so that both halves' estimates
+    # are positive semi-definite)
+    lam, v = torch.linalg.eigh((k + k.T) / 2)
+    k = (v * lam.clamp(0.0, 1.0)) @ v.T
     return {"fit": k * (n / info["fit_count"]), "rest": (eye - k) * (n / info["rest_count"])}
 
 
@@ -680,9 +685,9 @@ class CalibrationWriter:
                 bound = sk.part_bound(part) if len(live) > 1 else sk.bound
                 info["exact"][part] = bool(sk.exact and bound == 0.0)
                 # ||E[x x^T] - estimate||_2 <= this (sketch.py), the sketch as stored: rounded once more after the
-                # division by the count (a rounding's change counts twice once the exact diagonal replaces the
-                # estimate's; a part's weight has norm <= 1 and its estimate is scaled by n / c)
-                info["error_bound"][part] = bound / c + 2.0 * stored_rounding * (n / c)
+                # division by the count (a rounding's change counts three times once the diagonal is raised to the
+                # exact one; a part's weight has norm <= 1 and its estimate is scaled by n / c)
+                info["error_bound"][part] = bound / c + 3.0 * stored_rounding * (n / c)
                 plan += [(f"{g}.{part}_mean", "F32", (sk.dim,), lambda sk=sk, p=part: sk.sums[p] / sk.counts[p]),
                          (f"{g}.{part}_diag", "F32", (sk.dim,), lambda sk=sk, p=part: sk.sqs[p] / sk.counts[p])]
                 if sk.exact:

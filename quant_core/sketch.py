@@ -19,11 +19,13 @@ For rows x (activations of one layer input, width `dim`) the calibrated rounding
   the kept directions), whose norms are computed at each cut and summed in ``cross``;
 - or, when ``rows >= dim``, the exact H of each part in float64.
 
-The estimate used downstream is ``b^T K_p b`` (``b^T b`` for all parts together) with its diagonal replaced by the
-exact one; its spectral-norm error is at most ``bound`` (``part_bound(p)`` for one part): discarded + 2 rounded for all parts together (the
-error is (E - diag E) + (R - diag R) with E = H - b^T b before rounding, PSD, so ||E - diag E|| <= ||E|| <=
-discarded, and R the rounding's change, ||R - diag R|| <= 2 ||R||), plus 2 cross and the weights' own float32
-rounding for one part.
+The estimate used downstream is ``b^T K_p b`` (``b^T b`` for all parts together) with its diagonal raised to the
+exact one where it falls short (so it stays positive semi-definite; the diagonal is exact up to the estimate's own
+error). Its spectral-norm error is at most ``bound`` = discarded + 3 rounded for all parts together: with E = D + R
+(D = H - b^T b before rounding, PSD, ||D|| <= discarded; R the rounding's change), the error is (D - diag D) +
+(R - diag R) + diag(min(0, E_ii)), of norms <= ||D||, 2 ||R|| and ||R|| (D's diagonal is >= 0). For one part
+(``part_bound(p)``) the cross terms and the weights' rounding join R: discarded + 3 (cross + rounded +
+weights_rounded).
 
 Why this form (measured on MiniLM, docs/rounding.md "Statistics in bounded memory"): Frequent Directions (Liberty
 2013), which lowers every kept direction by the dropped amount at each cut, has an a-priori error guarantee but lost
@@ -102,13 +104,13 @@ class MomentSketch:
     @property
     def bound(self) -> float:
         """Spectral-norm bound on the error of `second_moment()` (all parts together; 0 when exact)."""
-        return self.discarded + 2.0 * self.rounded
+        return self.discarded + 3.0 * self.rounded
 
     def part_bound(self, part: str) -> float:
         """Spectral-norm bound on the error of `second_moment(part=part)`."""
         if len(self.parts) == 1:
             return self.bound
-        return self.bound + 2.0 * self.cross + 2.0 * self.weights_rounded
+        return self.discarded + 3.0 * (self.cross + self.rounded + self.weights_rounded)
 
     @staticmethod
     def held_bytes(dim: int, rows: int, parts: int = 1) -> int:
@@ -287,8 +289,9 @@ class MomentSketch:
     def second_moment(self, dtype: torch.dtype = torch.float32, part: str | None = None) -> torch.Tensor:
         """sum x x^T of `part` (all parts when None): exact, or the sketch's with the exact diagonal, [dim, dim]."""
         g = self._raw_moment(part, dtype)
-        if not self.exact:
-            g.diagonal().copy_(self.sq if part is None else self.sqs[part])
+        if not self.exact:  # raised to the exact diagonal where it falls short: stays positive semi-definite
+            exact = (self.sq if part is None else self.sqs[part]).to(g.dtype)
+            g.diagonal().copy_(torch.maximum(g.diagonal(), exact))
         return g
 
     def weight(self, part: str) -> torch.Tensor:

@@ -94,6 +94,7 @@ def _gptq_fp16(w2: torch.Tensor, gram: torch.Tensor, num_iter: int, cancel: Canc
     rtn64, d64 = rtn.to(dtype), d.to(dtype)
     d64[:, dead.to(dev)] = 0.0  # inputs that never fire: nothing to learn, keep RTN
     w64, h = w2.to(dtype), h.to(dtype)
+    h, damp = _positive_definite(h)
     flips = _gptq(w64, h, rtn64, d64, cancel)
     sweeps = 0
     for _ in range(min(num_iter - 1, REFINE_SWEEPS)):
@@ -103,8 +104,26 @@ def _gptq_fp16(w2: torch.Tensor, gram: torch.Tensor, num_iter: int, cancel: Canc
         if not changed:
             break
     q = torch.where(flips, (rtn64 + d64).to(torch.float16), rtn)
-    return q, {"method": "gptq", "iterations": 1 + sweeps, "shrink": shrink, "damp": DAMP,
+    return q, {"method": "gptq", "iterations": 1 + sweeps, "shrink": shrink, "damp": damp,
                "flips": int(torch.count_nonzero(flips))}
+
+
+def _positive_definite(h: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """h itself when its Cholesky factorisation (and its inverse's, which the rounding takes) succeeds; else h with
+    its damping raised tenfold at a time (an estimated second moment can be indefinite by its estimation error, or
+    the working precision can lose a nearly singular one). Returns (h, the damping now in it, as DAMP is)."""
+    damp, mean = DAMP, float(torch.diagonal(h).mean())
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            _, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0:
+                return h, damp
+        h = h.clone()
+        h.diagonal().add_(9.0 * damp * mean)
+        damp *= 10.0
+    raise ValueError("the calibration statistics give no positive definite matrix even with damping "
+                     f"{damp / 10.0:g} of their mean diagonal")
 
 
 def _gptq(w: torch.Tensor, h: torch.Tensor, rtn: torch.Tensor, d: torch.Tensor, cancel: CancelHook | None
