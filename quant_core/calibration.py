@@ -484,10 +484,13 @@ def output_errors(w: torch.Tensor, q_deq: torch.Tensor, mean: torch.Tensor, gram
     return float(err.clamp_min(0.0)) ** 0.5, float(ref) ** 0.5
 
 
+_NO_CAP = 1 << 40  # a group's cap when the caller knows none
+
+
 def _entry(w) -> tuple[int, int, int]:
     """(width, parts, cap) of a `bytes_needed` entry: a width, (width, parts) or (width, parts, cap)."""
     w = w if isinstance(w, tuple) else (w,)
-    return (int(w[0]), int(w[1]) if len(w) > 1 else 1, int(w[2]) if len(w) > 2 else 1 << 40)
+    return (int(w[0]), int(w[1]) if len(w) > 1 else 1, int(w[2]) if len(w) > 2 else _NO_CAP)
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -602,14 +605,13 @@ class CalibrationWriter:
 
     def _widths_planned(self, extra: tuple[int, int] | None = None) -> list[tuple[int, int, int]]:
         """(width, parts, cap) of every statistic held or planned (plus `extra`)."""
-        big = 1 << 40
-        widths = [(sk.dim, len(sk.parts), self._caps.get(g, big)) for (g, _), sk in self._sketches.items()]
+        widths = [(sk.dim, len(sk.parts), self._caps.get(g, _NO_CAP)) for (g, _), sk in self._sketches.items()]
         if self._planned:
             for g, d in self._planned.items():
                 if (g, "cal") not in self._sketches:
-                    widths.append((d, 2, self._caps.get(g, big)))
+                    widths.append((d, 2, self._caps.get(g, _NO_CAP)))
                 if self._planned_parts > 2 and (g, "eval") not in self._sketches:
-                    widths.append((d, 1, self._caps.get(g, big)))
+                    widths.append((d, 1, self._caps.get(g, _NO_CAP)))
         if extra is not None:
             widths.append(_entry(extra))
         return widths

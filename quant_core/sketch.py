@@ -11,7 +11,7 @@ For rows x (activations of one layer input, width `dim`) the calibrated rounding
   ``discarded`` sums these, so before the rounding to bfloat16 ``0 <= H - b^T b`` (PSD) and
   ``||H - b^T b||_2 <= discarded``. Each rounding to bfloat16 moves b^T b by at most ``||D||_2 (2 ||b||_2 + ||D||_2)``
   (D the rounding's change); ``rounded`` sums these;
-- with several parts, one [r, r] weight matrix per part but the last (float32; the last part's is I minus the
+- with several parts, one [r, r] weight matrix per part but the last (float16; the last part's is I minus the
   others'): part p's H is ``b^T K_p b``. The parts share the basis, so the statistics of the whole text get all
   `rows` directions (two separate sketches of half the text each would mostly hold the same top directions twice)
   while each part keeps its own second moment within them. A cut projects every part onto the kept directions;
@@ -68,7 +68,7 @@ class MomentSketch:
         self.discarded = 0.0  # sum of the norms of what the cuts dropped (all parts together)
         self.cross = 0.0  # sum of the bounds on the cuts' cross terms (one part)
         self.rounded = 0.0  # sum of the bfloat16 rounding bounds
-        self.weights_rounded = 0.0  # sum of the float32 rounding bounds of the weight matrices
+        self.weights_rounded = 0.0  # sum of the WEIGHT_DTYPE rounding bounds of the weight matrices
         self.orthogonal = False  # the rows of b are orthogonal (true after a cut)
         self.grams: dict[str, torch.Tensor] | None = None
         self.b: torch.Tensor | None = None
@@ -287,7 +287,8 @@ class MomentSketch:
         return (b.T @ b if w is None else b.T @ (w @ b)).to(dtype)
 
     def second_moment(self, dtype: torch.dtype = torch.float32, part: str | None = None) -> torch.Tensor:
-        """sum x x^T of `part` (all parts when None): exact, or the sketch's with the exact diagonal, [dim, dim]."""
+        """sum x x^T of `part` (all parts when None): exact, or the sketch's with its diagonal raised to the exact
+        one where it falls short, [dim, dim]."""
         g = self._raw_moment(part, dtype)
         if not self.exact:  # raised to the exact diagonal where it falls short: stays positive semi-definite
             exact = (self.sq if part is None else self.sqs[part]).to(g.dtype)
@@ -338,10 +339,7 @@ def rounding_bound(b: torch.Tensor, rounded: torch.Tensor, orthogonal: bool) -> 
 
 
 def _spectral_norm(a: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-    return float(torch.linalg.eigvalsh(g)[-1].clamp_min(0.0)) ** 0.5
+    return _top_eigenvalue(a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a) ** 0.5
 
 
 def _top_eigenvalue(g: torch.Tensor) -> float:

@@ -94,8 +94,11 @@ def _gptq_fp16(w2: torch.Tensor, gram: torch.Tensor, num_iter: int, cancel: Canc
     rtn64, d64 = rtn.to(dtype), d.to(dtype)
     d64[:, dead.to(dev)] = 0.0  # inputs that never fire: nothing to learn, keep RTN
     w64, h = w2.to(dtype), h.to(dtype)
-    h, damp = _positive_definite(h)
-    flips = _gptq(w64, h, rtn64, d64, cancel)
+    flips, added = _gptq(w64, h, rtn64, d64, cancel)
+    mean = float(torch.diagonal(h).mean())
+    if added:  # the damping the factorisation needed holds for the sweeps too
+        h = h.clone()
+        h.diagonal().add_(added)
     sweeps = 0
     for _ in range(min(num_iter - 1, REFINE_SWEEPS)):
         check_cancel(cancel)
@@ -104,41 +107,45 @@ def _gptq_fp16(w2: torch.Tensor, gram: torch.Tensor, num_iter: int, cancel: Canc
         if not changed:
             break
     q = torch.where(flips, (rtn64 + d64).to(torch.float16), rtn)
-    return q, {"method": "gptq", "iterations": 1 + sweeps, "shrink": shrink, "damp": damp,
+    return q, {"method": "gptq", "iterations": 1 + sweeps, "shrink": shrink, "damp": DAMP + added / mean,
                "flips": int(torch.count_nonzero(flips))}
 
 
-def _positive_definite(h: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """h itself when its Cholesky factorisation (and its inverse's, which the rounding takes) succeeds; else h with
-    its damping raised tenfold at a time (an estimated second moment can be indefinite by its estimation error, or
-    the working precision can lose a nearly singular one). Returns (h, the damping now in it, as DAMP is)."""
-    damp, mean = DAMP, float(torch.diagonal(h).mean())
+def _inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of h^-1 (what the error feedback scales by) and what was added to h's diagonal to
+    get it: nothing when h factorises, else the damping raised tenfold at a time (an estimated second moment can be
+    indefinite by its estimation error, or the working precision can lose a nearly singular one)."""
+    mean = float(torch.diagonal(h).mean())
+    damp = DAMP
     for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(h)
+        added = (damp - DAMP) * mean
+        hd = h
+        if added:
+            hd = h.clone()
+            hd.diagonal().add_(added)
+        chol, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:
-            _, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
             if int(info) == 0:
-                return h, damp
-        h = h.clone()
-        h.diagonal().add_(9.0 * damp * mean)
+                return u, added
         damp *= 10.0
     raise ValueError("the calibration statistics give no positive definite matrix even with damping "
                      f"{damp / 10.0:g} of their mean diagonal")
 
 
 def _gptq(w: torch.Tensor, h: torch.Tensor, rtn: torch.Tensor, d: torch.Tensor, cancel: CancelHook | None
-          ) -> torch.Tensor:
+          ) -> tuple[torch.Tensor, float]:
     """Error feedback (GPTQ) where each element may only take its RTN value or the other fp16 neighbour.
 
     Columns are visited in descending order of H's diagonal (act-order); the rounding error of each column, scaled
-    by the inverse Hessian's Cholesky factor, is pushed onto the columns not yet rounded. Returns the flip mask.
+    by the inverse Hessian's Cholesky factor, is pushed onto the columns not yet rounded. Returns the flip mask and
+    what `_inverse_factor` had to add to H's diagonal.
     """
     m, n = w.shape
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
     w, rtn, d = w[:, perm].clone(), rtn[:, perm], d[:, perm]
     h = h[perm][:, perm]
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    u = torch.linalg.cholesky(hinv, upper=True)
+    u, added = _inverse_factor(h)
     flips = torch.zeros(m, n, dtype=torch.bool, device=w.device)
     for i1 in range(0, n, BLOCK):
         check_cancel(cancel)
@@ -156,7 +163,7 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, rtn: torch.Tensor, d: torch.Tensor, 
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     out = torch.empty_like(flips)
     out[:, perm] = flips
-    return out
+    return out, added
 
 
 def _refine_sweep(w: torch.Tensor, h: torch.Tensor, rtn: torch.Tensor, d: torch.Tensor, flips: torch.Tensor
